@@ -1,0 +1,107 @@
+"""Read or replace a module's input or output during a forward pass.
+
+Every helper is a context manager whose hook is removed on exit, also when the
+forward pass raises. Modules may return a tensor or a tuple whose first item is
+the tensor of interest (attention modules and some blocks do); the helpers read
+and replace that first tensor and keep the rest.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    """The tensor a module produced: itself, or the first item of a tuple/list."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise TypeError(f"expected a tensor or a tuple starting with one, got {type(value).__name__}")
+
+
+def with_first_tensor(value: Any, tensor: torch.Tensor) -> Any:
+    """``value`` with its first tensor swapped for ``tensor`` (same container type)."""
+    if isinstance(value, torch.Tensor):
+        return tensor
+    return type(value)((tensor, *value[1:]))
+
+
+@contextmanager
+def on_output(module: nn.Module, fn: TensorFn) -> Iterator[None]:
+    """Call ``fn`` on the module's output tensor; a returned tensor replaces it."""
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        replacement = fn(first_tensor(output))
+        return None if replacement is None else with_first_tensor(output, replacement)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def on_input(module: nn.Module, fn: TensorFn) -> Iterator[None]:
+    """Call ``fn`` on the module's first positional input; a returned tensor replaces it."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            replacement = fn(args[0])
+            return None if replacement is None else ((replacement, *args[1:]), kwargs)
+        key = next(iter(kwargs))  # blocks called with hidden_states=... by keyword
+        replacement = fn(kwargs[key])
+        return None if replacement is None else (args, {**kwargs, key: replacement})
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capture_outputs(modules: dict[str, nn.Module], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record each named module's output tensor of the last forward pass into the yielded dict."""
+    recorded: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def recorder(name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            tensor = first_tensor(output)
+            recorded[name] = tensor.detach() if detach else tensor
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(recorder(name)))
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def bypass(module: nn.Module, fn: Callable[..., Any]) -> Iterator[None]:
+    """Run ``fn(*args, **kwargs)`` instead of the module's own forward (its hooks still run).
+
+    Used to skip blocks whose output is already known, so a pass can resume mid-model.
+    """
+    had_own = "forward" in module.__dict__
+    original = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield
+    finally:
+        if had_own:
+            module.forward = original
+        else:
+            del module.forward

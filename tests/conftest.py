@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models of every supported family, and the real default model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# One cache for the whole test session, inside the checkout (ignored by git): a fresh CI clone converts
+# the embedded model once, through the real loader, and every later test reloads that copy.
+os.environ.setdefault("ROME_EXPLORER_CACHE", str(REPO / ".cache" / "test-cache"))
+
+CORPUS = [fact for fact in (REPO / "assets" / "known_facts.json").read_text().split('"prompt": ')[1:]]
+
+
+def _tiny_tokenizer(with_bos: bool):
+    """A byte-level BPE tokenizer trained on the bundled prompts, with or without a BOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [line.split('",')[0].strip('"') for line in CORPUS]
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<bos>", "<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    if with_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_config(family: str, vocab: int):
+    """A 4-layer random-weight config of ``family`` (grouped-query attention where the family has it)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4)
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, n_positions=128)
+    if family == "gptj":
+        return tf.GPTJConfig(vocab_size=vocab, n_embd=64, n_layer=4, n_head=4, rotary_dim=8, n_positions=128)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**common, max_position_embeddings=128, rotary_pct=0.25)
+    if family == "llama":
+        return tf.LlamaConfig(**common, num_key_value_heads=2)
+    if family == "mistral":
+        return tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, num_key_value_heads=2)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=16)
+    if family == "gemma":
+        return tf.GemmaConfig(**common, num_key_value_heads=1, head_dim=16)
+    if family == "gemma2":
+        return tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=16, sliding_window=64)
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16, sliding_window=64)
+    if family == "gemma3_text_short_window":  # sliding window shorter than the prompts: no key/value reuse
+        return tf.Gemma3TextConfig(**common, num_key_value_heads=1, head_dim=16, sliding_window=4)
+    if family == "phi3":
+        return tf.Phi3Config(**common, num_key_value_heads=2, pad_token_id=2)
+    raise KeyError(family)
+
+
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
+WITH_BOS = {"llama", "mistral", "gemma", "gemma2", "gemma3_text", "gemma3_text_short_window", "phi3"}
+
+
+def build_tiny(family: str, seed: int = 0):
+    """A :class:`LoadedModel` of a tiny random ``family`` model, through the package's own preparation."""
+    from transformers import AutoModelForCausalLM
+
+    from explorer.models import prepare
+
+    tokenizer = _tiny_tokenizer(with_bos=family in WITH_BOS)
+    torch.manual_seed(seed)
+    config = tiny_config(family, vocab=len(tokenizer))
+    # Wider random weights than the usual 0.02, so the next-token distribution is peaked and restorations matter.
+    config.initializer_range = 0.3
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 1, 2
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return prepare(f"tiny-{family}", model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model, loaded through the real loader and cache."""
+    from explorer.models import load_model
+
+    return load_model()

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+
+from explorer.prompts import InputError
+from explorer.tracing import KINDS, TraceOptions, trace, trace_severed
+from tests.conftest import FAMILIES, build_tiny
+from tests.oracle import oracle_cell_score, oracle_trace
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "Eiffel Tower"
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["gemma3_text_short_window"])
+def test_fast_engine_matches_the_per_cell_loop(family):
+    handle = build_tiny(family)
+    options = TraceOptions(samples=4, window=3, noise=3.0, seed=3)
+    result = trace(handle, PROMPT, SUBJECT, options)
+    for kind in KINDS:
+        expected = oracle_trace(handle, result, kind)
+        assert result.scores[kind].shape == expected.shape == (len(result.tokens), 4)
+        np.testing.assert_allclose(result.scores[kind], expected, atol=1e-5, rtol=0, err_msg=f"{family} {kind}")
+    # the restoration does something: some cell differs from the corrupted run
+    assert np.abs(result.scores["hidden"] - result.low_score).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text", "llama"])
+def test_severed_paths_match_the_per_cell_loop(family):
+    handle = build_tiny(family)
+    options = TraceOptions(samples=3, seed=5)
+    result = trace_severed(handle, PROMPT, SUBJECT, options)
+    full = trace(handle, PROMPT, SUBJECT, TraceOptions(samples=3, seed=5, kinds=("hidden",)))
+    ids = torch.tensor([handle.tokenizer(PROMPT)["input_ids"]])
+    start, end = full.subject_range
+    from explorer.tracing import subject_noise
+
+    noise = torch.from_numpy(subject_noise(3, end - start, 64, 5)) * full.noise_std
+    token = end - 1
+    np.testing.assert_allclose(result.scores["ordinary"], full.scores["hidden"][token], atol=1e-5, rtol=0)
+    for key, kind in (("mlp_severed", "mlp"), ("attn_severed", "attn")):
+        for layer in range(4):
+            freezes = [(kind, k, token) for k in range(layer + 1, 4)]
+            expected = oracle_cell_score(handle, ids, full.subject_range, noise, full.answer_id, [("hidden", layer, token)], freezes)
+            assert abs(result.scores[key][layer] - expected) < 1e-5, (key, layer)
+
+
+def test_subject_tokens_bos_and_no_bos():
+    with_bos, without = build_tiny("llama"), build_tiny("gpt2")
+    a = trace(with_bos, PROMPT, SUBJECT, TraceOptions(samples=2, kinds=("hidden",)))
+    b = trace(without, PROMPT, SUBJECT, TraceOptions(samples=2, kinds=("hidden",)))
+    assert a.tokens[0] == "<bos>" and b.tokens[0] != "<bos>"
+    for result in (a, b):
+        start, end = result.subject_range
+        assert "".join(result.tokens[start:end]).strip() == SUBJECT
+
+
+def test_same_seed_same_result_and_other_seed_differs():
+    handle = build_tiny("qwen2")
+    first = trace(handle, PROMPT, SUBJECT, TraceOptions(samples=3, kinds=("mlp",), seed=7))
+    again = trace(handle, PROMPT, SUBJECT, TraceOptions(samples=3, kinds=("mlp",), seed=7))
+    other = trace(handle, PROMPT, SUBJECT, TraceOptions(samples=3, kinds=("mlp",), seed=8))
+    assert np.array_equal(first.scores["mlp"], again.scores["mlp"])
+    assert not np.array_equal(first.scores["mlp"], other.scores["mlp"])
+
+
+def test_small_memory_cap_degrades_to_smaller_batches_with_the_same_numbers():
+    handle = build_tiny("gemma3_text")
+    big = trace(handle, PROMPT, SUBJECT, TraceOptions(samples=3, memory_mb=1024))
+    small = trace(handle, PROMPT, SUBJECT, TraceOptions(samples=3, memory_mb=1))
+    for kind in KINDS:
+        np.testing.assert_allclose(big.scores[kind], small.scores[kind], atol=1e-6, rtol=0)
+
+
+def test_subject_is_guessed_when_missing():
+    handle = build_tiny("llama")
+    result = trace(handle, PROMPT, None, TraceOptions(samples=2, kinds=("hidden",)))
+    assert result.subject == "The Eiffel Tower" and result.subject_guessed
+
+
+def test_target_sets_the_answer():
+    handle = build_tiny("llama")
+    result = trace(handle, PROMPT, SUBJECT, TraceOptions(samples=2, kinds=("hidden",), target=" Paris"))
+    assert result.answer_id == handle.tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+
+
+@pytest.mark.parametrize(
+    "prompt, subject, options, message",
+    [
+        ("", "x", TraceOptions(), "prompt is empty"),
+        ("   ", "x", TraceOptions(), "prompt is empty"),
+        (PROMPT, "Louvre", TraceOptions(), "does not occur"),
+        (PROMPT, PROMPT, TraceOptions(), "whole prompt"),
+        (PROMPT, SUBJECT, TraceOptions(kinds=("neurons",)), "unknown kind"),
+        (PROMPT, SUBJECT, TraceOptions(window=0), "window"),
+        (PROMPT, SUBJECT, TraceOptions(samples=0), "samples"),
+        (PROMPT, SUBJECT, TraceOptions(samples=10**6), "samples"),
+        (PROMPT, SUBJECT, TraceOptions(noise=-1), "noise"),
+        (PROMPT * 20, SUBJECT, TraceOptions(), "tokens long"),
+        ("The Eiffel\x00 Tower is in", "Tower", TraceOptions(), "control characters"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_leaves_no_hook(prompt, subject, options, message):
+    handle = build_tiny("llama")
+    with pytest.raises(InputError, match=message):
+        trace(handle, prompt, subject, options)
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in handle.model.modules())
+
+
+def test_cancel_stops_a_trace_and_leaves_no_hook():
+    from explorer.tracing import TraceCancelled
+
+    handle = build_tiny("llama")
+    with pytest.raises(TraceCancelled):
+        trace(handle, PROMPT, SUBJECT, TraceOptions(samples=2), cancel=lambda: True)
+    assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in handle.model.modules())
