@@ -149,7 +149,7 @@ def embedding_std(handle: LoadedModel, subjects: Sequence[str] | None = None) ->
     return float(vectors.float().std())
 
 
-def validate_options(handle: LoadedModel, options: TraceOptions, limits: TraceLimits = DEFAULT_LIMITS) -> None:
+def validate_options(options: TraceOptions, limits: TraceLimits = DEFAULT_LIMITS) -> None:
     """Raise :class:`InputError` for options no trace can run with."""
     unknown = [kind for kind in options.kinds if kind not in KINDS]
     if unknown or not options.kinds:
@@ -409,7 +409,7 @@ def trace(
 ) -> TraceResult:
     """Causal trace of ``prompt``: per kind, the answer's probability with each (token, layer) state restored."""
     began = time.perf_counter()
-    validate_options(handle, options, limits)
+    validate_options(options, limits)
     tokenized, guessed = prepare_prompt(handle, prompt, subject, limits)
     noise_std = options.noise * embedding_std(handle)
     with handle.lock:
@@ -475,7 +475,7 @@ def trace_severed(
     cancel: Callable[[], bool] | None = None,
 ) -> SeveredResult:
     """The paper's severed-path analysis for one prompt (its Figure 3 averages this over facts)."""
-    validate_options(handle, options, limits)
+    validate_options(options, limits)
     tokenized, _ = prepare_prompt(handle, prompt, subject, limits)
     noise_std = options.noise * embedding_std(handle)
     with handle.lock:

@@ -1,0 +1,135 @@
+"""Averages over a fact set: the paper's Figure 2 (effect by token category) and severed paths."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .facts import Fact
+from .models import LoadedModel
+from .tracing import DEFAULT_LIMITS, SEVERED_KEYS, TraceLimits, TraceOptions, trace, trace_severed
+
+CATEGORIES = (
+    "first_subject_token",
+    "middle_subject_tokens",
+    "last_subject_token",
+    "first_subsequent_token",
+    "further_tokens",
+    "last_token",
+)
+Progress = Callable[[float, str], None]
+
+
+def category_rows(scores: np.ndarray, subject_range: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Per category, the fact's per-layer scores (mean over the category's tokens); empty categories left out."""
+    start, end = subject_range
+    last = scores.shape[0] - 1
+    rows = {"first_subject_token": scores[start], "last_subject_token": scores[end - 1], "last_token": scores[last]}
+    if end - start > 2:
+        rows["middle_subject_tokens"] = scores[start + 1 : end - 1].mean(axis=0)
+    if end < last:
+        rows["first_subsequent_token"] = scores[end]
+    if end + 1 < last:
+        rows["further_tokens"] = scores[end + 1 : last].mean(axis=0)
+    return rows
+
+
+def mean_ci(rows: Sequence[np.ndarray]) -> dict[str, list[float] | int]:
+    """Mean per layer and its 95% confidence half-width (normal approximation)."""
+    if not rows:
+        return {"mean": [], "ci95": [], "count": 0}
+    stack = np.vstack(rows)
+    std = stack.std(axis=0, ddof=1) if len(rows) > 1 else np.zeros(stack.shape[1])
+    return {"mean": stack.mean(axis=0).tolist(), "ci95": (1.96 * std / np.sqrt(len(rows))).tolist(), "count": len(rows)}
+
+
+def predicts(handle: LoadedModel, fact: Fact) -> bool:
+    """Whether the model's greedy next token starts the fact's true answer."""
+    target = handle.tokenizer(" " + fact.attribute.strip(), add_special_tokens=False)["input_ids"]
+    ids = handle.tokenizer(fact.prompt, return_tensors="pt")["input_ids"].to(handle.device)
+    with handle.lock, torch.no_grad():
+        top = int(handle.model(input_ids=ids).logits[0, -1].argmax())
+    return bool(target) and top == target[0]
+
+
+@dataclass
+class AverageResult:
+    """The ``average`` command's JSON content."""
+
+    facts_total: int
+    facts_correct: int
+    kinds: dict[str, dict[str, dict]] = field(default_factory=dict)
+    low_score: float = 0.0
+    high_score: float = 0.0
+
+    def to_json(self) -> dict:
+        """The documented keys: facts_total, facts_correct, per kind per category mean/ci95, low/high scores."""
+        return {
+            "facts_total": self.facts_total,
+            "facts_correct": self.facts_correct,
+            "low_score": self.low_score,
+            "high_score": self.high_score,
+            **self.kinds,
+        }
+
+
+def average_effects(
+    handle: LoadedModel,
+    facts: Sequence[Fact],
+    options: TraceOptions = TraceOptions(),
+    limits: TraceLimits = DEFAULT_LIMITS,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> AverageResult:
+    """Trace every fact the model predicts correctly and average scores per token category and layer."""
+    per_kind: dict[str, dict[str, list]] = {kind: {c: [] for c in CATEGORIES} for kind in options.kinds}
+    lows, highs, correct = [], [], 0
+    for index, fact in enumerate(facts):
+        if progress is not None:
+            progress(index / max(1, len(facts)), f"fact {index + 1}/{len(facts)}: {fact.subject}")
+        if not predicts(handle, fact):
+            continue
+        correct += 1
+        result = trace(handle, fact.prompt, fact.subject, options, limits, cancel=cancel)
+        lows.append(result.low_score)
+        highs.append(result.high_score)
+        for kind in options.kinds:
+            for category, row in category_rows(result.scores[kind], result.subject_range).items():
+                per_kind[kind][category].append(row)
+    summary = {kind: {c: mean_ci(rows) for c, rows in categories.items()} for kind, categories in per_kind.items()}
+    return AverageResult(
+        facts_total=len(facts),
+        facts_correct=correct,
+        kinds=summary,
+        low_score=float(np.mean(lows)) if lows else 0.0,
+        high_score=float(np.mean(highs)) if highs else 0.0,
+    )
+
+
+def average_severed(
+    handle: LoadedModel,
+    prompts: Sequence[tuple[str, str | None]],
+    options: TraceOptions = TraceOptions(),
+    limits: TraceLimits = DEFAULT_LIMITS,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict:
+    """Severed-path scores per layer (``ordinary``, ``mlp_severed``, ``attn_severed``) averaged over prompts."""
+    rows: dict[str, list] = {key: [] for key in SEVERED_KEYS}
+    lows, highs = [], []
+    for index, (prompt, subject) in enumerate(prompts):
+        if progress is not None:
+            progress(index / max(1, len(prompts)), f"prompt {index + 1}/{len(prompts)}")
+        result = trace_severed(handle, prompt, subject, options, limits, cancel=cancel)
+        lows.append(result.low_score)
+        highs.append(result.high_score)
+        for key in SEVERED_KEYS:
+            rows[key].append(result.scores[key])
+    return {
+        "prompts": len(prompts),
+        "low_score": float(np.mean(lows)) if lows else 0.0,
+        "high_score": float(np.mean(highs)) if highs else 0.0,
+        **{key: mean_ci(values) for key, values in rows.items()},
+    }

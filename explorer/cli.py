@@ -1,0 +1,186 @@
+"""Command line: ``python -m explorer trace|average|severed ...`` (the same engines as the app)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .prompts import InputError
+
+PROGRESS_WIDTH = 30
+
+
+class ProgressBar:
+    """A one-line progress bar with an estimate of the time left, on stderr."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.began = time.monotonic()
+
+    def __call__(self, fraction: float, message: str) -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        elapsed = time.monotonic() - self.began
+        left = f", ~{elapsed / fraction - elapsed:.0f}s left" if fraction > 0.02 else ""
+        filled = int(PROGRESS_WIDTH * fraction)
+        bar = "#" * filled + "." * (PROGRESS_WIDTH - filled)
+        sys.stderr.write(f"\r{self.label} [{bar}] {fraction:4.0%} {elapsed:.0f}s{left} {message[:40]:<40}")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write("\n")
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_trace_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default' (embedded Gemma 3 270M), a hub name or a local folder")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--kinds", default="hidden,mlp,attn", type=_kinds, help="comma-separated: hidden,mlp,attn")
+    parser.add_argument("--samples", default=10, type=int, help="corrupted runs per cell (default 10)")
+    parser.add_argument("--window", default=10, type=int, help="layers restored together for mlp/attn (default 10)")
+    parser.add_argument("--noise", default=3.0, type=float, help="noise std as a multiple of the subject-embedding std (default 3)")
+    parser.add_argument("--seed", default=1, type=int, help="seed of the noise draws (default 1)")
+    parser.add_argument("--json", dest="json_out", help="write the result as JSON here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="python -m explorer", description="Locate and edit factual associations (ROME).")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    trace = commands.add_parser("trace", help="causal trace of one prompt")
+    trace.add_argument("prompt")
+    trace.add_argument("--subject", help="the subject as written in the prompt (guessed when left out)")
+    trace.add_argument("--target", help="answer to measure (default: the clean run's top-1 token)")
+    _add_trace_options(trace)
+    trace.add_argument("--html", dest="html_out", help="write interactive heatmaps here")
+    trace.add_argument("--npz", dest="npz_out", help="write ROME's npz layout here (one file per kind: NAME_<kind>.npz)")
+
+    average = commands.add_parser("average", help="average effects over a known_1000.json-style fact set")
+    average.add_argument("facts", help="fact set JSON (ROME's known_1000.json format)")
+    average.add_argument("--limit", type=int, help="use the first N facts")
+    _add_trace_options(average)
+
+    severed = commands.add_parser("severed", help="severed-path analysis over facts or prompts")
+    severed.add_argument("inputs", nargs="+", help="fact set JSON file(s) or prompts (subject guessed)")
+    severed.add_argument("--subject", help="subject, for a single prompt")
+    severed.add_argument("--limit", type=int, help="use the first N facts")
+    _add_trace_options(severed)
+    return parser
+
+
+def _options(args: argparse.Namespace):
+    from .tracing import TraceOptions
+
+    return TraceOptions(
+        kinds=args.kinds, samples=args.samples, window=args.window, noise=args.noise, seed=args.seed, target=getattr(args, "target", None)
+    )
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    bar = ProgressBar("loading model")
+    try:
+        return load_model(args.model, dtype=args.dtype, device=args.device, progress=bar)
+    finally:
+        bar.done()
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    text = json.dumps(data, indent=1, ensure_ascii=False)
+    if path:
+        Path(path).write_text(text, encoding="utf-8")
+    else:
+        print(text)
+
+
+def run_trace(args: argparse.Namespace) -> int:
+    """The ``trace`` command."""
+    from . import export, plots
+    from .prompts import clean_text
+    from .tracing import trace, validate_options
+
+    options = _options(args)
+    validate_options(options)  # before the model loads: a typo costs no wait
+    clean_text(args.prompt, "prompt")
+    handle = _load(args)
+    bar = ProgressBar("tracing")
+    try:
+        result = trace(handle, args.prompt, args.subject, options, progress=bar)
+    finally:
+        bar.done()
+    if result.subject_guessed:
+        print(f"subject (guessed): {result.subject}", file=sys.stderr)
+    print(plots.caption(result) + f"; {result.seconds:.1f} s", file=sys.stderr)
+    if args.json_out or not (args.html_out or args.npz_out):
+        _write_json(args.json_out, export.trace_to_json(result))
+    if args.html_out:
+        Path(args.html_out).write_text(plots.trace_html(result), encoding="utf-8")
+    if args.npz_out:
+        export.write_npz(result, args.npz_out)
+    return 0
+
+
+def run_average(args: argparse.Namespace) -> int:
+    """The ``average`` command."""
+    from .aggregate import average_effects
+    from .facts import load_facts
+
+    facts = load_facts(args.facts, args.limit)
+    options = _options(args)
+    handle = _load(args)
+    bar = ProgressBar("averaging")
+    try:
+        result = average_effects(handle, facts, options, progress=bar)
+    finally:
+        bar.done()
+    print(f"{result.facts_correct} of {result.facts_total} facts predicted correctly", file=sys.stderr)
+    _write_json(args.json_out, result.to_json())
+    return 0
+
+
+def run_severed(args: argparse.Namespace) -> int:
+    """The ``severed`` command."""
+    from .aggregate import average_severed, predicts
+    from .facts import load_facts
+
+    options = _options(args)
+    handle = _load(args)
+    prompts: list[tuple[str, str | None]] = []
+    for item in args.inputs:
+        if item.endswith(".json") and Path(item).exists():
+            prompts.extend((f.prompt, f.subject) for f in load_facts(item, args.limit) if predicts(handle, f))
+        else:
+            prompts.append((item, args.subject))
+    bar = ProgressBar("severing")
+    try:
+        result = average_severed(handle, prompts, options, progress=bar)
+    finally:
+        bar.done()
+    _write_json(args.json_out, result)
+    return 0
+
+
+COMMANDS = {"trace": run_trace, "average": run_average, "severed": run_severed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input exits 2 with a one-line message."""
+    from .models import ModelLoadError
+    from .tracing import TraceCancelled
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (InputError, ModelLoadError, TraceCancelled) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,76 @@
+"""Plotly figures from results (no torch here)."""
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .tracing import TraceResult
+
+KIND_COLOURS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+KIND_TITLES = {"hidden": "single restored layer (hidden state)", "mlp": "restored MLP outputs", "attn": "restored attention outputs"}
+
+
+def safe_label(text: str) -> str:
+    """Text shown as text: plotly reads a subset of HTML in labels, so escape it."""
+    return html.escape(text, quote=True).replace("\n", "\\n")
+
+
+def token_labels(result: TraceResult) -> list[str]:
+    """Axis labels: each token, subject tokens marked with ``*`` as in the paper."""
+    start, end = result.subject_range
+    return [safe_label(token) + ("*" if start <= i < end else "") for i, token in enumerate(result.tokens)]
+
+
+def heatmap(result: TraceResult, kind: str) -> go.Figure:
+    """Tokens (prompt order, top to bottom) × layers, coloured by the answer's probability from low_score up."""
+    grid = np.asarray(result.scores[kind], dtype=float)
+    n_tokens, n_layers = grid.shape
+    labels = token_labels(result)
+    effect = grid - result.low_score
+    hover = np.array(
+        [[f"{labels[t]} · layer {l}<br>p = {grid[t, l]:.4f}<br>indirect effect = {effect[t, l]:+.4f}" for l in range(n_layers)] for t in range(n_tokens)]
+    )
+    layer_axis = "layer" if kind == "hidden" else f"centre of {result.window}-layer window"
+    figure = go.Figure(
+        go.Heatmap(
+            z=grid,
+            x=list(range(n_layers)),
+            y=list(range(n_tokens)),
+            zmin=result.low_score,
+            zmax=max(float(grid.max()), result.low_score + 1e-9),
+            colorscale=KIND_COLOURS[kind],
+            text=hover,
+            hoverinfo="text",
+            colorbar={"title": {"text": f"p({safe_label(result.answer.strip())})"}},
+        )
+    )
+    figure.update_layout(
+        title={"text": f"Impact of {KIND_TITLES[kind]}", "font": {"size": 14}},
+        xaxis={"title": {"text": layer_axis}},
+        yaxis={"tickmode": "array", "tickvals": list(range(n_tokens)), "ticktext": labels, "autorange": "reversed"},
+        margin={"l": 10, "r": 10, "t": 40, "b": 40},
+        height=max(260, 28 * n_tokens + 110),
+    )
+    return figure
+
+
+def caption(result: TraceResult) -> str:
+    """One line: the answer, its clean and corrupted probabilities, and the trace settings (plain text)."""
+    return (
+        f"answer {result.answer!r}: p = {result.high_score:.4f} clean, {result.low_score:.4f} corrupted; "
+        f"noise {result.noise:g} x sigma = {result.noise_std:.4f}, {result.samples} samples, window {result.window}"
+    )
+
+
+def trace_html(result: TraceResult) -> str:
+    """A standalone HTML page with one interactive heatmap per kind."""
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Causal trace</title></head><body>",
+        f"<h3>{html.escape(result.prompt)}</h3><p>subject: {html.escape(result.subject)}; {html.escape(caption(result))}</p>",
+    ]
+    for index, kind in enumerate(result.scores):
+        parts.append(heatmap(result, kind).to_html(full_html=False, include_plotlyjs="inline" if index == 0 else False))
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,75 @@
+"""The command line, run as users run it: a subprocess on a tiny model saved to a local folder."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, build_tiny
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny = build_tiny("gpt2")
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "explorer", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_trace_writes_json_npz_and_html(tiny_folder, tmp_path):
+    out = _run("trace", PROMPT, "--subject", "Eiffel Tower", "--model", str(tiny_folder), "--samples", "3", "--window", "2",
+               "--json", str(tmp_path / "t.json"), "--npz", str(tmp_path / "t.npz"), "--html", str(tmp_path / "t.html"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "t.json").read_text())
+    for key in ("model", "prompt", "subject", "tokens", "subject_range", "answer", "high_score", "low_score",
+                "noise_std", "samples", "window", "seed", "seconds", "traces"):
+        assert key in data
+    assert set(data["traces"]) == {"hidden", "mlp", "attn"}
+    assert np.array(data["traces"]["mlp"]).shape == (len(data["tokens"]), 4)
+    start, end = data["subject_range"]
+    assert "".join(data["tokens"][start:end]).strip() == "Eiffel Tower"
+    npz = np.load(tmp_path / "t_mlp.npz")
+    assert set(npz.files) == {"scores", "low_score", "high_score", "input_tokens", "subject_range", "answer", "window", "kind"}
+    assert str(npz["kind"]) == "mlp" and np.allclose(npz["scores"], data["traces"]["mlp"])
+    html = (tmp_path / "t.html").read_text()
+    assert html.count("Plotly.newPlot") == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["trace", "", "--subject", "x"], "prompt is empty"),
+        (["trace", PROMPT, "--kinds", "neurons"], "unknown kind"),
+        (["trace", PROMPT, "--window", "0"], "window"),
+        (["trace", PROMPT, "--samples", "1000000"], "samples"),
+        (["trace", PROMPT, "--subject", "Louvre"], "does not occur"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tiny_folder, args, message):
+    out = _run(*args, "--model", str(tiny_folder))
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last
+
+
+def test_average_and_severed_json(tiny_folder, tmp_path):
+    facts = tmp_path / "facts.json"
+    records = json.loads((REPO / "assets" / "known_facts.json").read_text())[:3]
+    facts.write_text(json.dumps(records))
+    out = _run("average", str(facts), "--model", str(tiny_folder), "--samples", "2", "--kinds", "hidden", "--json", str(tmp_path / "a.json"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["facts_total"] == 3 and 0 <= data["facts_correct"] <= 3
+    assert set(data["hidden"]) >= {"first_subject_token", "last_subject_token", "last_token"}
+    out = _run("severed", PROMPT, "--subject", "Eiffel Tower", "--model", str(tiny_folder), "--samples", "2", "--json", str(tmp_path / "s.json"))
+    assert out.returncode == 0, out.stderr
+    severed = json.loads((tmp_path / "s.json").read_text())
+    assert len(severed["ordinary"]["mean"]) == len(severed["mlp_severed"]["mean"]) == 4

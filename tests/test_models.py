@@ -1,0 +1,82 @@
+"""Model loading: the embedded default model through its cache, and hub-style local folders."""
+import json
+import os
+
+import pytest
+import torch
+
+from explorer import models
+from explorer.models import ModelLoadError, load_model
+from tests.conftest import build_tiny
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+def _next_token_probs(handle, prompt=PROMPT):
+    ids = handle.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return torch.softmax(handle.model(input_ids=ids).logits[0, -1], dim=-1)
+
+
+def test_default_model_completes_paris(default_model):
+    probs = _next_token_probs(default_model)
+    top = int(probs.argmax())
+    assert default_model.tokenizer.decode([top]) == " Paris"
+    assert default_model.num_layers == 18 and default_model.arch.model_type == "gemma3_text"
+    assert next(default_model.model.parameters()).dtype == torch.float32
+
+
+def test_conversion_cache_reload_and_damaged_cache_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    first = load_model()  # converts from the PyPI GGUF and keeps the converted model
+    folder = next((tmp_path / "models").glob("gemma3-270m-*[!k]"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["source"]["gguf_sha256"] and manifest["source"]["transformers"]
+    assert not list((tmp_path / "models").glob("*.tmp-*"))  # no half-written copy left behind
+    expected = _next_token_probs(first)
+    del first
+
+    again = load_model()  # from the cache
+    assert torch.equal(_next_token_probs(again), expected)
+    del again
+
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as handle:  # damage the cached weights in place
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(b"\x00" * 64)
+    assert not models._manifest_ok(folder, manifest["source"])
+    rebuilt = load_model()
+    assert torch.equal(_next_token_probs(rebuilt), expected)
+    assert models._manifest_ok(folder, manifest["source"])
+
+
+def test_local_folder_loads_through_the_hub_loader(tmp_path):
+    tiny = build_tiny("llama")
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.arch.model_type == "llama" and loaded.num_layers == 4
+    torch.testing.assert_close(_next_token_probs(loaded), _next_token_probs(tiny), rtol=0, atol=1e-6)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="could not find model"):
+        load_model(str(tmp_path / "no-such-model"))
+
+
+def test_encoder_decoder_and_unknown_families_are_refused(tmp_path):
+    from transformers import BertConfig, T5Config
+
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=100).save_pretrained(tmp_path / "t5")
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ModelLoadError, match="encoder-decoder"):
+        load_model(str(tmp_path / "t5"))
+    with pytest.raises(ModelLoadError, match="'bert'.*supported types"):
+        load_model(str(tmp_path / "bert"))
+
+
+def test_bad_dtype_and_device_are_clear_errors():
+    with pytest.raises(ModelLoadError, match="dtype"):
+        load_model("default", dtype="int3")
+    with pytest.raises(ModelLoadError, match="device"):
+        load_model("default", device="tpu")
