@@ -398,6 +398,15 @@ def _prefix_cache(handle: LoadedModel, runs: CleanAndCorrupted, prefix: int, cop
     return cache
 
 
+def _validated_inputs(
+    handle: LoadedModel, prompt: str, subject: str | None, options: TraceOptions, limits: TraceLimits
+) -> tuple[TokenizedPrompt, bool, float]:
+    """Check options and prompt before any forward pass: the tokenised prompt, whether the subject was guessed, σ·noise."""
+    validate_options(options, limits)
+    tokenized, guessed = prepare_prompt(handle, prompt, subject, limits)
+    return tokenized, guessed, options.noise * embedding_std(handle)
+
+
 def trace(
     handle: LoadedModel,
     prompt: str,
@@ -409,9 +418,7 @@ def trace(
 ) -> TraceResult:
     """Causal trace of ``prompt``: per kind, the answer's probability with each (token, layer) state restored."""
     began = time.perf_counter()
-    validate_options(options, limits)
-    tokenized, guessed = prepare_prompt(handle, prompt, subject, limits)
-    noise_std = options.noise * embedding_std(handle)
+    tokenized, guessed, noise_std = _validated_inputs(handle, prompt, subject, options, limits)
     with handle.lock:
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
         scores = {}
@@ -475,9 +482,7 @@ def trace_severed(
     cancel: Callable[[], bool] | None = None,
 ) -> SeveredResult:
     """The paper's severed-path analysis for one prompt (its Figure 3 averages this over facts)."""
-    validate_options(options, limits)
-    tokenized, _ = prepare_prompt(handle, prompt, subject, limits)
-    noise_std = options.noise * embedding_std(handle)
+    tokenized, _, noise_std = _validated_inputs(handle, prompt, subject, options, limits)
     with handle.lock:
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
         scores = {}

@@ -80,3 +80,28 @@ def test_bad_dtype_and_device_are_clear_errors():
         load_model("default", dtype="int3")
     with pytest.raises(ModelLoadError, match="device"):
         load_model("default", device="tpu")
+
+
+def test_two_processes_starting_at_once_share_one_converted_copy(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = (
+        "from explorer.models import load_model; import torch; h = load_model(); "
+        "ids = h.tokenizer('The Eiffel Tower is in', return_tensors='pt').input_ids; "
+        "print(h.tokenizer.decode([int(h.model(input_ids=ids).logits[0, -1].argmax())]))"
+    )
+    env = {**os.environ, models.CACHE_ENV: str(tmp_path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=1200) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-500:] for _, err in outputs]
+    assert outputs[0][0] == outputs[1][0] and outputs[0][0].strip()
+    entries = sorted(path.name for path in (tmp_path / "models").iterdir())
+    assert len(entries) == 2 and entries[1].endswith(".lock")  # one copy, no temporary or stale folders
+    manifest = json.loads((tmp_path / "models" / entries[0] / "manifest.json").read_text())
+    assert models._manifest_ok(tmp_path / "models" / entries[0], manifest["source"])

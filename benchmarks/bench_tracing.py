@@ -1,0 +1,63 @@
+"""Fast tracing engine vs the straightforward per-cell loop, in one process, on the default model.
+
+    python benchmarks/bench_tracing.py [--prompt ...] [--subject ...] [--kinds hidden,mlp,attn] [--skip-oracle]
+
+Prints seconds per kind for each, their ratio, and the max absolute difference over all cells.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from explorer.models import load_model  # noqa: E402
+from explorer.tracing import TraceOptions, trace  # noqa: E402
+from tests.oracle import oracle_trace  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompt", default="The Eiffel Tower is located in the city of")
+    parser.add_argument("--subject", default="The Eiffel Tower")
+    parser.add_argument("--kinds", default="hidden,mlp,attn")
+    parser.add_argument("--skip-oracle", action="store_true")
+    args = parser.parse_args()
+    began = time.perf_counter()
+    handle = load_model()
+    print(f"model loaded in {time.perf_counter() - began:.1f} s")
+    kinds = tuple(args.kinds.split(","))
+    trace(handle, "The Louvre is in", "The Louvre", TraceOptions(kinds=("hidden",), samples=2))  # warm-up
+    began = time.perf_counter()
+    result = trace(handle, args.prompt, args.subject, TraceOptions(kinds=kinds))
+    fast_total = time.perf_counter() - began
+    print(f"fast engine, all kinds: {fast_total:.1f} s ({len(result.tokens)} tokens, answer {result.answer!r})")
+    per_kind = {}
+    for kind in kinds:
+        began = time.perf_counter()
+        single = trace(handle, args.prompt, args.subject, TraceOptions(kinds=(kind,)))
+        per_kind[kind] = time.perf_counter() - began
+        assert np.array_equal(single.scores[kind], result.scores[kind])
+    if args.skip_oracle:
+        for kind in kinds:
+            print(f"{kind:6s} fast {per_kind[kind]:7.1f} s")
+        return
+    total_oracle = 0.0
+    worst = 0.0
+    for kind in kinds:
+        began = time.perf_counter()
+        expected = oracle_trace(handle, result, kind)
+        seconds = time.perf_counter() - began
+        total_oracle += seconds
+        diff = float(np.abs(expected - result.scores[kind]).max())
+        worst = max(worst, diff)
+        print(f"{kind:6s} per-cell loop {seconds:7.1f} s   fast {per_kind[kind]:7.1f} s   ratio {seconds / per_kind[kind]:5.1f}x   max |diff| {diff:.2e}")
+    print(f"all    per-cell loop {total_oracle:7.1f} s   fast {fast_total:7.1f} s   ratio {total_oracle / fast_total:5.1f}x   max |diff| {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The tracing engine on the real default model: exact against the per-cell loop, and the paper's picture."""
+import numpy as np
+import pytest
+
+from explorer.tracing import KINDS, TraceOptions, trace
+from tests.oracle import oracle_trace
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_engine_matches_the_per_cell_loop_on_the_default_model(default_model, kind):
+    # Four samples keep the oracle's full-model loop affordable on 2 cores; exactness does not depend on it.
+    result = trace(default_model, "The Eiffel Tower is in", "The Eiffel Tower", TraceOptions(kinds=(kind,), samples=4))
+    expected = oracle_trace(default_model, result, kind)
+    np.testing.assert_allclose(result.scores[kind], expected, atol=1e-5, rtol=0)
+
+
+def test_eiffel_tower_trace_shows_early_mlp_at_subject_and_late_hidden_at_last_token(default_model):
+    result = trace(default_model, "The Eiffel Tower is located in the city of", "The Eiffel Tower")
+    assert result.answer == " Paris" and result.high_score > 0.7 and result.low_score < 0.05
+    start, end = result.subject_range
+    mlp, hidden = result.indirect_effect("mlp"), result.indirect_effect("hidden")
+    token, layer = np.unravel_index(mlp.argmax(), mlp.shape)
+    assert start <= token < end and layer < default_model.num_layers // 2  # early-to-middle MLPs at the subject
+    late = default_model.num_layers * 2 // 3
+    assert hidden[-1, late:].mean() > 0.5 * (result.high_score - result.low_score)  # late hidden states at the last token
+    assert hidden[-1, :4].max() < 0.1  # the last token's early states carry nothing yet
