@@ -41,7 +41,8 @@ def main() -> None:
         began = time.perf_counter()
         single = trace(handle, args.prompt, args.subject, TraceOptions(kinds=(kind,)))
         per_kind[kind] = time.perf_counter() - began
-        assert np.array_equal(single.scores[kind], result.scores[kind])
+        # one kind alone batches differently from all three together: same numbers up to float rounding
+        assert np.abs(single.scores[kind] - result.scores[kind]).max() < 1e-5
     if args.skip_oracle:
         for kind in kinds:
             print(f"{kind:6s} fast {per_kind[kind]:7.1f} s")

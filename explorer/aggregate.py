@@ -45,13 +45,22 @@ def mean_ci(rows: Sequence[np.ndarray]) -> dict[str, list[float] | int]:
     return {"mean": stack.mean(axis=0).tolist(), "ci95": (1.96 * std / np.sqrt(len(rows))).tolist(), "count": len(rows)}
 
 
+def top_prediction(handle: LoadedModel, prompt: str) -> int:
+    """The model's greedy next token after ``prompt``."""
+    ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"].to(handle.device)
+    with handle.lock, torch.no_grad():
+        return int(handle.model(input_ids=ids).logits[0, -1].argmax())
+
+
+def answer_starts_with(handle: LoadedModel, fact: Fact, token_id: int) -> bool:
+    """Whether ``token_id`` is the first token of the fact's true answer (with its leading space)."""
+    target = handle.tokenizer(" " + fact.attribute.strip(), add_special_tokens=False)["input_ids"]
+    return bool(target) and token_id == target[0]
+
+
 def predicts(handle: LoadedModel, fact: Fact) -> bool:
     """Whether the model's greedy next token starts the fact's true answer."""
-    target = handle.tokenizer(" " + fact.attribute.strip(), add_special_tokens=False)["input_ids"]
-    ids = handle.tokenizer(fact.prompt, return_tensors="pt")["input_ids"].to(handle.device)
-    with handle.lock, torch.no_grad():
-        top = int(handle.model(input_ids=ids).logits[0, -1].argmax())
-    return bool(target) and top == target[0]
+    return answer_starts_with(handle, fact, top_prediction(handle, fact.prompt))
 
 
 @dataclass

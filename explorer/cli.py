@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     severed.add_argument("--subject", help="subject, for a single prompt")
     severed.add_argument("--limit", type=int, help="use the first N facts")
     _add_trace_options(severed)
+    known = commands.add_parser("known", help="how many facts of a fact set the model completes correctly")
+    known.add_argument("facts", help="fact set JSON (ROME's known_1000.json format)")
+    known.add_argument("--model", default="default")
+    known.add_argument("--dtype", default="float32")
+    known.add_argument("--device", default="cpu")
+    known.add_argument("--write-predictions", dest="write_out", help="write the fact set here with each 'prediction' set to the model's top-1 token")
+    known.add_argument("--json", dest="json_out", help="write the counts as JSON here")
     return parser
 
 
@@ -167,7 +174,36 @@ def run_severed(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"trace": run_trace, "average": run_average, "severed": run_severed}
+def run_known(args: argparse.Namespace) -> int:
+    """The ``known`` command: correct completions per relation."""
+    from dataclasses import replace
+
+    from .aggregate import answer_starts_with, top_prediction
+    from .facts import load_facts
+
+    facts = load_facts(args.facts)
+    handle = _load(args)
+    bar = ProgressBar("predicting")
+    updated, per_relation = [], {}
+    for index, fact in enumerate(facts):
+        bar(index / len(facts), fact.subject)
+        token = top_prediction(handle, fact.prompt)
+        ok = answer_starts_with(handle, fact, token)
+        updated.append(replace(fact, prediction=handle.tokenizer.decode([token])))
+        counts = per_relation.setdefault(fact.relation_id, [0, 0])
+        counts[0] += ok
+        counts[1] += 1
+    bar.done()
+    correct = sum(c for c, _ in per_relation.values())
+    print(f"{correct} of {len(facts)} facts completed correctly", file=sys.stderr)
+    if args.write_out:
+        Path(args.write_out).write_text(json.dumps([f.to_json() for f in updated], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_json(args.json_out, {"facts_total": len(facts), "facts_correct": correct,
+                                "relations": {r: {"correct": c, "total": t} for r, (c, t) in sorted(per_relation.items())}})
+    return 0
+
+
+COMMANDS = {"trace": run_trace, "average": run_average, "severed": run_severed, "known": run_known}
 
 
 def main(argv: list[str] | None = None) -> int:

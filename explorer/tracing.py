@@ -421,20 +421,15 @@ def trace(
     tokenized, guessed, noise_std = _validated_inputs(handle, prompt, subject, options, limits)
     with handle.lock:
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
-        scores = {}
-        n_kinds = len(options.kinds)
-        for k, kind in enumerate(options.kinds):
-            cells = cells_for_kind(kind, tokenized, handle.num_layers, options.window)
-            # Cells left out of ``cells`` restore a state equal to the corrupted one: their score is low_score.
-            grid = np.full((tokenized.length, handle.num_layers), runs.low_score)
-            keys = list(cells)
-            sub = None
-            if progress is not None:
-                sub = lambda f, m, k=k, kind=kind: progress((k + f) / n_kinds, f"{kind}: {m}")
-            values = score_cells(handle, runs, [cells[key] for key in keys], options.memory_mb, sub, cancel)
-            for key, value in zip(keys, values):
-                grid[key] = value
-            scores[kind] = grid
+        # All kinds' cells go through one scheduler: cells of different kinds that restore the same token
+        # from the same block share batched passes without recomputing anything for nothing.
+        cells = {kind: cells_for_kind(kind, tokenized, handle.num_layers, options.window) for kind in options.kinds}
+        keys = [(kind, key) for kind in options.kinds for key in cells[kind]]
+        values = score_cells(handle, runs, [cells[kind][key] for kind, key in keys], options.memory_mb, progress, cancel)
+        # Cells left out of ``cells`` restore a state equal to the corrupted one: their score is low_score.
+        scores = {kind: np.full((tokenized.length, handle.num_layers), runs.low_score) for kind in options.kinds}
+        for (kind, key), value in zip(keys, values):
+            scores[kind][key] = value
     return TraceResult(
         model=handle.name,
         prompt=tokenized.prompt,
