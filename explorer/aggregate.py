@@ -101,7 +101,10 @@ def average_effects(
         if not predicts(handle, fact):
             continue
         correct += 1
-        result = trace(handle, fact.prompt, fact.subject, options, limits, cancel=cancel)
+        inner = None
+        if progress is not None:
+            inner = lambda f, m, i=index: progress((i + f) / len(facts), f"fact {i + 1}/{len(facts)}: {m}")
+        result = trace(handle, fact.prompt, fact.subject, options, limits, progress=inner, cancel=cancel)
         lows.append(result.low_score)
         highs.append(result.high_score)
         for kind in options.kinds:

@@ -95,7 +95,7 @@ def load_model(
         raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
-    if device in ("cuda", "auto") and not torch.cuda.is_available() and device == "cuda":
+    if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu")
     name = (name or DEFAULT_MODEL).strip()
     if name == DEFAULT_MODEL:
