@@ -109,8 +109,18 @@ def average_effects(
         highs.append(result.high_score)
         for kind in options.kinds:
             for category, row in category_rows(result.scores[kind], result.subject_range).items():
-                per_kind[kind][category].append(row)
-    summary = {kind: {c: mean_ci(rows) for c, rows in categories.items()} for kind, categories in per_kind.items()}
+                per_kind[kind][category].append((row, row - result.low_score))
+    summary = {
+        kind: {
+            category: {
+                **mean_ci([score for score, _ in rows]),
+                # each fact's own low_score subtracted: comparable across categories with different fact counts
+                "indirect_effect": mean_ci([effect for _, effect in rows]),
+            }
+            for category, rows in categories.items()
+        }
+        for kind, categories in per_kind.items()
+    }
     return AverageResult(
         facts_total=len(facts),
         facts_correct=correct,

@@ -24,3 +24,16 @@ def test_eiffel_tower_trace_shows_early_mlp_at_subject_and_late_hidden_at_last_t
     late = default_model.num_layers * 2 // 3
     assert hidden[-1, late:].mean() > 0.5 * (result.high_score - result.low_score)  # late hidden states at the last token
     assert hidden[-1, :4].max() < 0.1  # the last token's early states carry nothing yet
+
+
+def test_average_over_known_facts_keeps_correct_ones_and_reports_effects(default_model):
+    from explorer.aggregate import average_effects
+    from explorer.facts import load_facts
+
+    facts = [f for f in load_facts() if f.subject in ("The Eiffel Tower", "Vladimir Putin")][:2]
+    result = average_effects(default_model, facts, TraceOptions(kinds=("hidden",), samples=3)).to_json()
+    assert result["facts_total"] == len(facts) >= 1 and result["facts_correct"] >= 1
+    last = result["hidden"]["last_token"]
+    assert last["count"] == result["facts_correct"] and len(last["mean"]) == default_model.num_layers
+    effect = np.array(last["indirect_effect"]["mean"])
+    assert effect[-1] > 0.2 and effect[0] < 0.05  # the answer appears at the last token only in late layers
