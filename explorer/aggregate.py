@@ -49,7 +49,9 @@ def top_prediction(handle: LoadedModel, prompt: str) -> int:
     """The model's greedy next token after ``prompt``."""
     ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"].to(handle.device)
     with handle.lock, torch.no_grad():
-        return int(handle.model(input_ids=ids).logits[0, -1].argmax())
+        # Unembed the last position only: the full-sequence logits cost a 262k-wide product per token.
+        final = handle.arch.backbone(input_ids=ids).last_hidden_state[:, -1]
+        return int(handle.arch.logits(final)[0].argmax())
 
 
 def answer_starts_with(handle: LoadedModel, fact: Fact, token_id: int) -> bool:

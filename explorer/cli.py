@@ -36,10 +36,14 @@ def _kinds(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _add_trace_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="'default' (embedded Gemma 3 270M), a hub name or a local folder")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+
+
+def _add_trace_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser)
     parser.add_argument("--kinds", default="hidden,mlp,attn", type=_kinds, help="comma-separated: hidden,mlp,attn")
     parser.add_argument("--samples", default=10, type=int, help="corrupted runs per cell (default 10)")
     parser.add_argument("--window", default=10, type=int, help="layers restored together for mlp/attn (default 10)")
@@ -73,20 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_options(severed)
     known = commands.add_parser("known", help="how many facts of a fact set the model completes correctly")
     known.add_argument("facts", help="fact set JSON (ROME's known_1000.json format)")
-    known.add_argument("--model", default="default")
-    known.add_argument("--dtype", default="float32")
-    known.add_argument("--device", default="cpu")
+    _add_model_options(known)
     known.add_argument("--write-predictions", dest="write_out", help="write the fact set here with each 'prediction' set to the model's top-1 token")
     known.add_argument("--json", dest="json_out", help="write the counts as JSON here")
     return parser
 
 
 def _options(args: argparse.Namespace):
-    from .tracing import TraceOptions
+    """The trace options, checked before the model loads: a typo costs no wait."""
+    from .tracing import TraceOptions, validate_options
 
-    return TraceOptions(
+    options = TraceOptions(
         kinds=args.kinds, samples=args.samples, window=args.window, noise=args.noise, seed=args.seed, target=getattr(args, "target", None)
     )
+    validate_options(options)
+    return options
 
 
 def _load(args: argparse.Namespace):
@@ -111,10 +116,9 @@ def run_trace(args: argparse.Namespace) -> int:
     """The ``trace`` command."""
     from . import export, plots
     from .prompts import clean_text
-    from .tracing import trace, validate_options
+    from .tracing import trace
 
     options = _options(args)
-    validate_options(options)  # before the model loads: a typo costs no wait
     clean_text(args.prompt, "prompt")
     handle = _load(args)
     bar = ProgressBar("tracing")

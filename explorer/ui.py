@@ -6,7 +6,7 @@ import threading
 import gradio as gr
 
 from . import plots
-from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from .prompts import InputError
 from .tracing import KINDS, TraceOptions, trace
 
@@ -34,7 +34,7 @@ def run_trace(prompt: str, subject: str, kinds: list[str], samples: float, windo
         options = TraceOptions(kinds=tuple(kinds), samples=int(samples), window=int(window), noise=float(noise))
         handle = shared_model()
         result = trace(handle, prompt, subject or None, options, progress=lambda f, m: progress(f, desc=m))
-    except InputError as error:
+    except (InputError, ModelLoadError) as error:
         raise gr.Error(str(error)) from None
     figures = [plots.heatmap(result, kind) if kind in result.scores else None for kind in KINDS]
     return (*[gr.update(value=f, visible=f is not None) for f in figures], plots.caption(result), result.subject)
