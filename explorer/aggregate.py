@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .facts import Fact
+from .facts import Fact, load_facts
 from .models import LoadedModel
-from .tracing import DEFAULT_LIMITS, SEVERED_KEYS, TraceLimits, TraceOptions, trace, trace_severed
+from .tracing import DEFAULT_LIMITS, SEVERED_KEYS, TraceLimits, TraceOptions, last_subject_effects, trace, trace_severed
 
 CATEGORIES = (
     "first_subject_token",
@@ -157,3 +157,21 @@ def average_severed(
         "high_score": float(np.mean(highs)) if highs else 0.0,
         **{key: mean_ci(values) for key, values in rows.items()},
     }
+
+
+def last_subject_mlp_effects(
+    handle: LoadedModel, facts_limit: int, progress: Progress | None = None, facts: Sequence[Fact] | None = None
+) -> tuple[np.ndarray, int]:
+    """Mean MLP indirect effect per layer at the last subject token over up to ``facts_limit`` known facts."""
+    facts = load_facts() if facts is None else facts
+    rows = []
+    for index, fact in enumerate(facts):
+        if len(rows) >= facts_limit:
+            break
+        if progress is not None:
+            progress(len(rows) / facts_limit, f"choosing the edit layer: fact {len(rows) + 1}/{facts_limit}")
+        if predicts(handle, fact):
+            rows.append(last_subject_effects(handle, fact.prompt, fact.subject, "mlp"))
+    if not rows:
+        raise ValueError("the model completes none of the facts correctly; give the layer explicitly")
+    return np.mean(rows, axis=0), len(rows)

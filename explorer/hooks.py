@@ -68,15 +68,34 @@ def on_input(module: nn.Module, fn: TensorFn) -> Iterator[None]:
 
 
 @contextmanager
-def capture_outputs(modules: dict[str, nn.Module], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each named module's output tensor of the last forward pass into the yielded dict."""
-    recorded: dict[str, torch.Tensor] = {}
+def capture_outputs(
+    modules: dict[str, nn.Module], detach: bool = True, raw: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Record each named module's output tensor of the last forward pass into the yielded dict.
+
+    With ``raw`` the module's whole output (tensor or tuple) is kept as it is, e.g. to replay it
+    through :func:`bypass` when a later pass skips that module.
+    """
+    with _recording(modules, lambda _inputs, output: output if raw else first_tensor(output), detach and not raw) as seen:
+        yield seen
+
+
+@contextmanager
+def capture_inputs(modules: dict[str, nn.Module], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record each named module's first positional input of the last forward pass (e.g. ROME's keys)."""
+    with _recording(modules, lambda inputs, _output: inputs[0], detach) as seen:
+        yield seen
+
+
+@contextmanager
+def _recording(modules: dict[str, nn.Module], pick: Callable[[tuple, Any], Any], detach: bool) -> Iterator[dict[str, Any]]:
+    recorded: dict[str, Any] = {}
     handles = []
 
     def recorder(name: str) -> Callable:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            tensor = first_tensor(output)
-            recorded[name] = tensor.detach() if detach else tensor
+        def hook(_module: nn.Module, inputs: tuple, output: Any) -> None:
+            value = pick(inputs, output)
+            recorded[name] = value.detach() if detach else value
 
         return hook
 

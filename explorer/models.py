@@ -71,6 +71,25 @@ class LoadedModel:
         return None
 
 
+def model_fingerprint(handle: LoadedModel) -> str:
+    """A short id of the model's identity for on-disk caches (statistics, prefixes).
+
+    Hashes the name, the configuration and the token embedding, which edits never touch, so the id
+    is the same whether or not an edit is applied at the moment it is asked for.
+    """
+    if "fingerprint" not in handle.memo:
+        import hashlib
+
+        digest = hashlib.sha256()
+        digest.update(handle.name.encode())
+        digest.update(handle.model.config.to_json_string(use_diff=False).encode())
+        embedding = handle.arch.embedding.weight.detach()
+        digest.update(embedding[:: max(1, embedding.shape[0] // 64)].float().cpu().numpy().tobytes())
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in Path(handle.name).name)[:40]
+        handle.memo["fingerprint"] = f"{safe}-{digest.hexdigest()[:12]}"
+    return handle.memo["fingerprint"]
+
+
 def cache_root() -> Path:
     """Where converted models and statistics are cached (``$ROME_EXPLORER_CACHE`` overrides)."""
     if os.environ.get(CACHE_ENV):

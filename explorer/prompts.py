@@ -66,8 +66,19 @@ def tokenize_prompt(tokenizer, prompt: str, subject: str, max_tokens: int | None
     subject = subject.strip()
     if subject.strip() == prompt.strip():
         raise InputError("the subject is the whole prompt; the prompt must go on after the subject (e.g. '... is located in')")
-    char_start, char_end = find_subject(prompt, subject)
-    encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
+    return tokenize_at(tokenizer, prompt, subject, find_subject(prompt, subject), max_tokens)
+
+
+def tokenize_at(
+    tokenizer, text: str, subject: str, char_span: tuple[int, int], max_tokens: int | None = None
+) -> TokenizedPrompt:
+    """Tokenise ``text`` (special tokens included) with the subject at the character span given.
+
+    Works from the tokenizer's offsets, so BPE and SentencePiece tokenizers, with or without a BOS
+    token, and a subject anywhere in the text all map the same way.
+    """
+    char_start, char_end = char_span
+    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     ids = list(encoding["input_ids"])
     if max_tokens is not None and len(ids) > max_tokens:
         raise InputError(f"the prompt is {len(ids)} tokens long, over the limit of {max_tokens}; shorten it")
@@ -80,7 +91,7 @@ def tokenize_prompt(tokenizer, prompt: str, subject: str, max_tokens: int | None
     if not covered:
         raise InputError(f"subject {subject!r} maps to no token of the prompt")
     return TokenizedPrompt(
-        prompt=prompt,
+        prompt=text,
         subject=subject,
         input_ids=torch.tensor([ids], dtype=torch.long),
         tokens=token_strings(tokenizer, ids),

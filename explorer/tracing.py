@@ -202,21 +202,13 @@ def run_clean_and_corrupted(
         clean = {kind: [clean_states[f"{kind}.{layer}"][0] for layer in range(n_layers)] for kind in KINDS}
     with torch.no_grad():
         # Record each block's raw output once, to reproduce its structure (tensor or tuple) when skipping it.
-        raw: dict[int, Any] = {}
-        handles = [
-            arch.block(layer).register_forward_hook(lambda _m, _i, out, layer=layer: raw.__setitem__(layer, out))
-            for layer in range(n_layers)
-        ]
-        try:
-            embeds = arch.embedding(input_ids).repeat(options.samples, 1, 1)
-            noise = subject_noise(options.samples, end - start, embeds.shape[-1], options.seed)
-            embeds[:, start:end] += noise_std * torch.from_numpy(noise).to(embeds.device, embeds.dtype)
-            with hooks.capture_outputs(names) as corrupted_states:
-                corrupted_out = arch.backbone(inputs_embeds=embeds, use_cache=True)
-        finally:
-            for h in handles:
-                h.remove()
-        block_template = [raw[layer] for layer in range(n_layers)]
+        blocks = {str(layer): arch.block(layer) for layer in range(n_layers)}
+        embeds = arch.embedding(input_ids).repeat(options.samples, 1, 1)
+        noise = subject_noise(options.samples, end - start, embeds.shape[-1], options.seed)
+        embeds[:, start:end] += noise_std * torch.from_numpy(noise).to(embeds.device, embeds.dtype)
+        with hooks.capture_outputs(names) as corrupted_states, hooks.capture_outputs(blocks, raw=True) as raw:
+            corrupted_out = arch.backbone(inputs_embeds=embeds, use_cache=True)
+        block_template = [raw[str(layer)] for layer in range(n_layers)]
         corrupted = {kind: [corrupted_states[f"{kind}.{layer}"] for layer in range(n_layers)] for kind in KINDS}
         answer_id = answer_token(handle, options.target)
         if answer_id is None:
@@ -450,6 +442,21 @@ def trace(
         seconds=time.perf_counter() - began,
         num_layers=handle.num_layers,
     )
+
+
+def last_subject_effects(
+    handle: LoadedModel, prompt: str, subject: str, kind: str = "mlp", options: TraceOptions = TraceOptions()
+) -> np.ndarray:
+    """Indirect effect per layer of restoring ``kind`` at the subject's last token (one row of a trace)."""
+    tokenized, _guessed, noise_std = _validated_inputs(handle, prompt, subject, options, DEFAULT_LIMITS)
+    token = tokenized.subject_range[1] - 1
+    with handle.lock:
+        runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
+        cells = cells_for_kind(kind, tokenized, handle.num_layers, options.window)
+        layers = [layer for layer in range(handle.num_layers) if (token, layer) in cells]
+        scores = np.full(handle.num_layers, runs.low_score)
+        scores[layers] = score_cells(handle, runs, [cells[(token, layer)] for layer in layers], options.memory_mb)
+    return scores - runs.low_score
 
 
 SEVERED_KEYS = {"ordinary": None, "mlp_severed": "mlp", "attn_severed": "attn"}

@@ -1,0 +1,523 @@
+"""ROME: rewrite one fact with a rank-one update of one MLP output projection; FT+L as the baseline.
+
+For a request (prompt template, subject, target_new):
+
+1. **k\\*** — the input of the projection W at the subject's last token, averaged over the bare prompt
+   and prompts that start with short model-generated prefixes ("{prefix}. {prompt}").
+2. **v\\*** — the MLP output there plus a vector δ, optimised so that the model predicts target_new
+   after every prefixed prompt, with a KL term that keeps "{subject} is a" as it was and a decay on δ.
+3. **Update** — ΔW = Λ (C⁻¹k\\*)ᵀ with Λ = (v\\* − W k\\*) / ((C⁻¹k\\*)ᵀ k\\*), C the keys' second moment
+   (``rome``); ``rome-original`` uses the bare prompt's key inside Λ, as the original code did.
+
+During the optimisation nothing below the edited layer changes, and nothing before the subject's last
+token changes anywhere: both are computed once (their block outputs and keys/values are replayed),
+and each step runs only the positions from the subject's last token on, through the layers from the
+edited one up.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from . import hooks
+from .edits import Edit, EditRequest
+from .generation import Sampling, generate_ids, positions_from_mask, start_token
+from .models import LoadedModel, cache_root, model_fingerprint
+from .prompts import InputError, clean_text, tokenize_at
+from .scoring import target_ids
+from .stats import SecondMoment, StatsSpec, second_moment, solve
+
+METHODS = ("rome", "rome-original", "ft")
+Progress = Callable[[float, str], None]
+KL_TEMPLATE = "{} is a"  # the prompt whose next-token distribution the KL term keeps
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """How an edit is computed; the defaults are the paper's GPT-2 XL settings."""
+
+    method: str = "rome"
+    layer: int | None = None  # None: the model's default layer (peak MLP effect at the last subject token)
+    steps: int = 20
+    lr: float = 0.5
+    loss_stop: float = 0.05
+    clamp_factor: float = 4.0  # ‖δ‖ ≤ clamp_factor × ‖MLP output at the subject‖
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    prefixes: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, how many)
+    prefix_seed: int = 0
+    stats: StatsSpec = field(default_factory=StatsSpec)
+    shrinkage: float = 0.0  # ridge on C, as a share of its mean diagonal
+    ft_steps: int = 25  # FT+L: Adam steps on W with the change clamped to an L∞ ball
+    ft_lr: float = 5e-4
+    ft_norm: float = 5e-4
+
+
+def make_request(prompt: str, subject: str, target_new: str, target_true: str | None = None) -> EditRequest:
+    """A checked request; a prompt without ``{}`` gets one where the subject is written out."""
+    prompt = clean_text(prompt, "prompt")
+    subject = clean_text(subject, "subject").strip()
+    target_new = clean_text(target_new, "target_new")
+    if target_true is not None and not str(target_true).strip():
+        target_true = None
+    if target_true is not None:
+        target_true = clean_text(target_true, "target_true")
+    if "{}" not in prompt:
+        if subject not in prompt:
+            raise InputError(f"the prompt has no {{}} and the subject {subject!r} does not occur in it; write {{}} where the subject goes")
+        prompt = prompt.replace(subject, "{}", 1)
+    if prompt.count("{}") != 1:
+        raise InputError("the prompt must contain {} exactly once, where the subject goes")
+    if not prompt.replace("{}", "").strip():
+        raise InputError("the prompt must go on after the subject, e.g. '{} is located in the city of'")
+    if target_true is not None and target_true.strip() == target_new.strip():
+        raise InputError("target_new is the same as target_true; type the new object you want")
+    return EditRequest(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true)
+
+
+def validate_options(handle: LoadedModel, options: EditOptions) -> None:
+    """Raise :class:`InputError` for options the engine cannot run, before touching the model."""
+    if options.method not in METHODS:
+        raise InputError(f"unknown method {options.method!r}: use one of {', '.join(METHODS)}")
+    if options.layer is not None and not 0 <= options.layer < handle.num_layers:
+        raise InputError(f"layer {options.layer} is out of range; this model has layers 0 to {handle.num_layers - 1}")
+    if not 1 <= options.steps <= 200 or not 1 <= options.ft_steps <= 500:
+        raise InputError("steps must be between 1 and 200 (ft: 500)")
+    if options.shrinkage < 0:
+        raise InputError("shrinkage must be 0 or more")
+    options.stats.validate()
+
+
+# ---------------------------------------------------------------- context prefixes
+
+
+def context_prefixes(handle: LoadedModel, options: EditOptions) -> list[str]:
+    """Short texts generated by the model itself (seeded, cached per model) that k* and v* average over."""
+    key = ("prefixes", options.prefixes, options.prefix_seed)
+    if key in handle.memo:
+        return handle.memo[key]
+    path = cache_root() / "prefixes" / f"{model_fingerprint(handle)}.json"
+    name = json.dumps([list(p) for p in options.prefixes] + [options.prefix_seed])
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if name not in stored:
+        prefixes = []
+        first = start_token(handle)
+        for index, (length, count) in enumerate(options.prefixes):
+            sampling = Sampling(top_k=5, seed=options.prefix_seed * 1000 + index)
+            with handle.lock:
+                rows = generate_ids(handle, [[first]] * count, length, sampling)
+            for row in rows:
+                text = handle.tokenizer.decode(row[1:], skip_special_tokens=True)
+                # Braces would be read as template slots; newlines would split the prompt.
+                text = " ".join(text.replace("{", " ").replace("}", " ").split())
+                prefixes.append(text)
+        stored[name] = prefixes
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{id(stored)}")
+        tmp.write_text(json.dumps(stored, indent=1))
+        tmp.replace(path)
+    handle.memo[key] = stored[name]
+    return stored[name]
+
+
+def context_templates(prefixes: Sequence[str]) -> list[str]:
+    """'{}' for the bare prompt, then '{prefix}. {}' for each prefix."""
+    return ["{}"] + [f"{prefix}. {{}}" for prefix in prefixes]
+
+
+# ---------------------------------------------------------------- default layer
+
+
+def default_layer(handle: LoadedModel, facts_limit: int = 40, progress: Progress | None = None) -> int:
+    """The layer where the MLP indirect effect at the last subject token peaks, averaged over known facts.
+
+    Computed once per model with the tracing engine, over the first ``facts_limit`` facts of the
+    project's fact set that the model completes correctly, and cached on disk.
+    """
+    if "default_layer" in handle.memo:
+        return handle.memo["default_layer"]
+    path = cache_root() / "layers" / f"{model_fingerprint(handle)}.json"
+    if path.exists():
+        handle.memo["default_layer"] = int(json.loads(path.read_text())["layer"])
+        return handle.memo["default_layer"]
+    from .aggregate import last_subject_mlp_effects
+
+    effects, used = last_subject_mlp_effects(handle, facts_limit, progress)
+    layer = int(np.argmax(effects))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"layer": layer, "facts": used, "mlp_effect_by_layer": effects.tolist()}, indent=1))
+    handle.memo["default_layer"] = layer
+    return layer
+
+
+# ---------------------------------------------------------------- the batch k* and v* work on
+
+
+@dataclass
+class PromptRow:
+    """One prompt of the edit batch: its token ids and the subject's last token."""
+
+    ids: list[int]
+    subject_last: int
+    targets: list[int]  # token ids predicted after the prompt (teacher-forced); empty for the KL row
+
+
+def _row(handle: LoadedModel, template: str, request: EditRequest, targets: list[int], kl: bool = False) -> PromptRow:
+    """``template`` (with one {}) filled with the request's prompt (or the KL prompt) and its subject."""
+    inner = KL_TEMPLATE if kl else request.prompt
+    text = template.format(inner)
+    slot = text.index("{}")
+    filled = text.replace("{}", request.subject, 1)
+    tokenized = tokenize_at(handle.tokenizer, filled, request.subject, (slot, slot + len(request.subject)))
+    ids = tokenized.input_ids[0].tolist()
+    return PromptRow(ids=ids + targets[:-1], subject_last=tokenized.subject_range[1] - 1, targets=targets)
+
+
+@dataclass
+class AlignedBatch:
+    """Rows laid out so that every subject's last token sits at column ``split``.
+
+    The part before it is left-padded, the part from it on right-padded; positions count real tokens
+    only. Columns before ``split`` never change during the v* optimisation.
+    """
+
+    ids: torch.Tensor  # [rows, split + suffix]
+    mask: torch.Tensor
+    positions: torch.Tensor
+    split: int
+    rows: list[PromptRow]
+
+    def column(self, row: int, position: int) -> int:
+        """Column of the row's original token ``position``."""
+        last = self.rows[row].subject_last
+        return self.split - last + position
+
+
+def align(rows: list[PromptRow], pad_id: int) -> AlignedBatch:
+    """Lay ``rows`` out as an :class:`AlignedBatch`."""
+    split = max(row.subject_last for row in rows)
+    suffix = max(len(row.ids) - row.subject_last for row in rows)
+    ids = torch.full((len(rows), split + suffix), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        begin = split - row.subject_last
+        ids[i, begin : begin + len(row.ids)] = torch.tensor(row.ids)
+        mask[i, begin : begin + len(row.ids)] = 1
+    return AlignedBatch(ids=ids, mask=mask, positions=positions_from_mask(mask), split=split, rows=rows)
+
+
+@dataclass
+class Precomputed:
+    """What the clean pass over the aligned batch leaves for the optimisation steps."""
+
+    keys: torch.Tensor  # [rows, in]: W's input at each subject's last token
+    outputs: torch.Tensor  # [rows, out]: W's output there
+    below: list[Any]  # block outputs of layers < layer, suffix columns only (replayed)
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, keys/values of the columns before split
+    kl_reference: torch.Tensor | None  # log-probabilities after the KL prompt, unedited
+
+
+def _slice_first(value: Any, columns: slice) -> Any:
+    return hooks.with_first_tensor(value, hooks.first_tensor(value)[:, columns])
+
+
+def precompute(handle: LoadedModel, batch: AlignedBatch, layer: int, kl_row: int | None) -> Precomputed:
+    """One pass over the whole batch: keys, outputs, the frozen block outputs and the prefix cache."""
+    arch, device = handle.arch, handle.device
+    blocks = {str(l): arch.block(l) for l in range(layer)}
+    with torch.no_grad(), hooks.capture_inputs({"k": arch.mlp_out(layer)}) as keys, hooks.capture_outputs(
+        {"v": arch.mlp_out(layer)}
+    ) as values, hooks.capture_outputs(blocks, raw=True) as raw:
+        out = arch.backbone(
+            input_ids=batch.ids.to(device),
+            attention_mask=batch.mask.to(device),
+            position_ids=batch.positions.to(device),
+            use_cache=True,
+        )
+        kl_reference = None
+        if kl_row is not None:
+            last = batch.column(kl_row, len(batch.rows[kl_row].ids) - 1)
+            kl_reference = torch.log_softmax(arch.logits(out.last_hidden_state[kl_row, last]).double(), -1)
+    cache = out.past_key_values
+    prefix_kv = [
+        (layer_cache.keys[:, :, : batch.split], layer_cache.values[:, :, : batch.split]) for layer_cache in cache.layers
+    ]
+    suffix = slice(batch.split, None)
+    return Precomputed(
+        keys=keys["k"][:, batch.split],
+        outputs=values["v"][:, batch.split],
+        below=[_slice_first(raw[str(l)], suffix) for l in range(layer)],
+        prefix_kv=prefix_kv,
+        kl_reference=kl_reference,
+    )
+
+
+@contextmanager
+def suffix_pass(
+    handle: LoadedModel, batch: AlignedBatch, layer: int, pre: Precomputed
+) -> Iterator[Callable[[], torch.Tensor]]:
+    """A function running the suffix columns from ``layer`` up; returns their final-normed states."""
+    from transformers import DynamicCache
+
+    arch, device = handle.arch, handle.device
+
+    def run() -> torch.Tensor:
+        cache = DynamicCache(config=handle.model.config)
+        for index, (keys, values) in enumerate(pre.prefix_kv):
+            cache.update(keys, values, index)
+        out = arch.backbone(
+            input_ids=batch.ids[:, batch.split :].to(device),
+            attention_mask=batch.mask.to(device),
+            position_ids=batch.positions[:, batch.split :].to(device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    with ExitStack() as stack:
+        for l in range(layer):
+            stack.enter_context(hooks.bypass(arch.block(l), lambda *a, _v=pre.below[l], **k: _v))
+        yield run
+
+
+def _target_nll(handle: LoadedModel, batch: AlignedBatch, states: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """Mean over ``rows`` of each row's mean per-token NLL of its targets (states: suffix columns)."""
+    where, wanted, owner = [], [], []
+    for i in rows:
+        row = batch.rows[i]
+        prompt_length = len(row.ids) - len(row.targets) + 1
+        for j, token in enumerate(row.targets):
+            where.append((i, batch.column(i, prompt_length - 1 + j) - batch.split))
+            wanted.append(token)
+            owner.append(i)
+    picked = states[[i for i, _ in where], [c for _, c in where]]
+    logprobs = torch.log_softmax(handle.arch.logits(picked).float(), -1)
+    token_nll = -logprobs.gather(1, torch.tensor(wanted, device=logprobs.device).unsqueeze(1)).squeeze(1)
+    counts = {i: sum(1 for o in owner if o == i) for i in rows}
+    weights = torch.tensor([1.0 / (counts[o] * len(rows)) for o in owner], device=token_nll.device)
+    return (token_nll * weights).sum()
+
+
+# ---------------------------------------------------------------- ROME
+
+
+@dataclass
+class ValueResult:
+    """The optimised value and what it took."""
+
+    value: torch.Tensor  # v* = output at the bare prompt + δ
+    delta: torch.Tensor
+    steps: int
+    losses: list[float]
+
+
+def optimise_value(
+    handle: LoadedModel, batch: AlignedBatch, layer: int, pre: Precomputed, options: EditOptions, kl_row: int
+) -> ValueResult:
+    """v*: δ added to W's output at each subject's last token, trained so the targets follow."""
+    rewrite_rows = [i for i in range(len(batch.rows)) if i != kl_row]
+    initial = pre.outputs[0].detach()
+    delta = torch.zeros_like(initial, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=options.lr)
+    max_norm = options.clamp_factor * float(initial.norm())
+    losses: list[float] = []
+
+    def add_delta(output: torch.Tensor) -> torch.Tensor:
+        added = torch.zeros_like(output)
+        added[:, 0] = delta  # column 0 of the suffix is every row's subject-last token
+        return output + added
+
+    steps = 0
+    with hooks.on_output(handle.arch.mlp_out(layer), add_delta), suffix_pass(handle, batch, layer, pre) as run:
+        for steps in range(1, options.steps + 1):
+            states = run()
+            nll = _target_nll(handle, batch, states, rewrite_rows)
+            last = batch.column(kl_row, len(batch.rows[kl_row].ids) - 1) - batch.split
+            kl_logprobs = torch.log_softmax(handle.arch.logits(states[kl_row, last]).double(), -1)
+            kl = torch.sum(pre.kl_reference.exp() * (pre.kl_reference - kl_logprobs))
+            decay = options.weight_decay * delta.norm() / initial.norm() ** 2
+            loss = nll + options.kl_factor * kl.float() + decay
+            losses.append(float(loss.detach()))
+            if not torch.isfinite(loss):
+                raise FloatingPointError("the value optimisation diverged (loss is not finite); try a lower learning rate")
+            if losses[-1] < options.loss_stop:
+                break
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                norm = float(delta.norm())
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+    delta = delta.detach()
+    return ValueResult(value=initial + delta, delta=delta, steps=steps, losses=losses)
+
+
+def rank_one_update(
+    handle: LoadedModel,
+    layer: int,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    moment: SecondMoment,
+    shrinkage: float,
+    lambda_key: torch.Tensor | None = None,
+    lambda_output: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Λ, u) with u = C⁻¹k* and Λ = (v* − W k − b)/(uᵀk), so that ΔW = Λ uᵀ; float64 throughout.
+
+    ``k`` is k* itself (the paper's equation) unless ``lambda_key`` (with the layer's output at it) is
+    given, which is the original code's variant.
+    """
+    u = solve(moment, key, shrinkage)
+    if lambda_key is None:
+        with torch.no_grad():
+            lambda_key = key
+            lambda_output = handle.arch.mlp_out(layer)(key.unsqueeze(0).to(handle.device))[0]
+    denominator = float(u @ lambda_key.double().cpu())
+    if not np.isfinite(denominator) or abs(denominator) < 1e-12:
+        raise FloatingPointError("the key is orthogonal to C⁻¹k*; the update is undefined (try another layer)")
+    residual = value.double().cpu() - lambda_output.double().cpu()
+    return residual / denominator, u
+
+
+def compute_rome(
+    handle: LoadedModel, request: EditRequest, layer: int, options: EditOptions, progress: Progress
+) -> tuple[dict[str, np.ndarray], dict, dict]:
+    """Λ ("right"), u ("left"), the key Λ maps and v* ("key", "value"); the statistics used; seconds per phase."""
+    phases: dict[str, float] = {}
+    began = time.perf_counter()
+    progress(0.02, "generating context prefixes")
+    prefixes = context_prefixes(handle, options)
+    phases["prefixes"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    progress(0.1, "computing the key k*")
+    new_ids = target_ids(handle, request.target_new)
+    templates = context_templates(prefixes)
+    rows = [_row(handle, template, request, new_ids) for template in templates]
+    rows.append(_row(handle, "{}", request, [], kl=True))
+    kl_row = len(rows) - 1
+    pad_id = handle.tokenizer.pad_token_id if handle.tokenizer.pad_token_id is not None else 0
+    batch = align(rows, pad_id)
+    pre = precompute(handle, batch, layer, kl_row)
+    key = pre.keys[: len(templates)].mean(0)
+    phases["key"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    progress(0.2, "optimising the value v*")
+    result = optimise_value(handle, batch, layer, pre, options, kl_row)
+    phases["value"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    progress(0.85, "second-moment statistics")
+    moment = second_moment(handle, layer, options.stats, lambda f, m: progress(0.85 + 0.1 * f, m))
+    phases["stats"] = time.perf_counter() - began
+    began = time.perf_counter()
+    if options.method == "rome-original":
+        right, left = rank_one_update(handle, layer, key, result.value, moment, options.shrinkage, pre.keys[0], pre.outputs[0])
+        mapped_key = pre.keys[0]
+    else:
+        right, left = rank_one_update(handle, layer, key, result.value, moment, options.shrinkage)
+        mapped_key = key
+    phases["update"] = time.perf_counter() - began
+    info = {
+        **moment.describe(),
+        "shrinkage": options.shrinkage,
+        "value_steps": result.steps,
+        "value_loss_initial": result.losses[0],
+        "value_loss": result.losses[-1],
+        "delta_norm_v": float(result.delta.norm()),
+    }
+    vectors = {"right": right.numpy(), "left": left.numpy(), "key": mapped_key.double().cpu().numpy(), "value": result.value.double().cpu().numpy()}
+    return vectors, info, phases
+
+
+# ---------------------------------------------------------------- FT+L baseline
+
+
+def compute_ft(handle: LoadedModel, request: EditRequest, layer: int, options: EditOptions) -> np.ndarray:
+    """Dense ΔW from Adam steps on target_new's NLL after the prompt, clamped to ‖ΔW‖∞ ≤ ft_norm."""
+    arch, device = handle.arch, handle.device
+    row = _row(handle, "{}", request, target_ids(handle, request.target_new))
+    ids = torch.tensor([row.ids], device=device)
+    blocks = {str(l): arch.block(l) for l in range(layer)}
+    with torch.no_grad(), hooks.capture_outputs(blocks, raw=True) as raw:
+        arch.backbone(input_ids=ids, use_cache=False)
+    below = [raw[str(l)] for l in range(layer)]
+    weight = arch.mlp_out_weight(layer)
+    delta = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=options.ft_lr)
+    prompt_length = len(row.ids) - len(row.targets) + 1
+    where = [prompt_length - 1 + j for j in range(len(row.targets))]
+    wanted = torch.tensor(row.targets, device=device)
+
+    def forward_hook(_module: torch.nn.Module, inputs: tuple, output: Any) -> Any:
+        extra = inputs[0] @ delta.T  # delta is [out, in] whatever the module's own layout
+        return hooks.with_first_tensor(output, hooks.first_tensor(output) + extra)
+
+    handle_hook = arch.mlp_out(layer).register_forward_hook(forward_hook)
+    try:
+        with ExitStack() as stack:
+            for l in range(layer):
+                stack.enter_context(hooks.bypass(arch.block(l), lambda *a, _v=below[l], **k: _v))
+            for _ in range(options.ft_steps):
+                states = arch.backbone(input_ids=ids, use_cache=False).last_hidden_state[0, where]
+                loss = torch.nn.functional.cross_entropy(arch.logits(states).float(), wanted)
+                if float(loss.detach()) < 1e-2:
+                    break
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                with torch.no_grad():
+                    delta.clamp_(-options.ft_norm, options.ft_norm)
+    finally:
+        handle_hook.remove()
+    return delta.detach().double().cpu().numpy()
+
+
+# ---------------------------------------------------------------- one entry point
+
+
+def compute_edit(
+    handle: LoadedModel, request: EditRequest, options: EditOptions = EditOptions(), progress: Progress | None = None
+) -> Edit:
+    """Compute (not apply) the edit that rewrites ``request``; the model is left exactly as it was."""
+    progress = progress or (lambda _f, _m: None)
+    began = time.perf_counter()
+    validate_options(handle, options)
+    target_ids(handle, request.target_new)  # an empty target fails here, before any work
+    layer = options.layer if options.layer is not None else default_layer(handle, progress=progress)
+    with handle.lock:
+        if options.method == "ft":
+            started = time.perf_counter()
+            vectors = {"dense": compute_ft(handle, request, layer, options)}
+            stats: dict = {"corpus": None, "samples": 0}
+            phases = {"ft": time.perf_counter() - started}
+        else:
+            vectors, stats, phases = compute_rome(handle, request, layer, options, progress)
+    weight = handle.arch.mlp_out_weight(layer)
+    edit = Edit(
+        request=request,
+        layer=layer,
+        method=options.method,
+        model=model_fingerprint(handle),
+        weight_shape=tuple(weight.shape),
+        right=vectors.get("right"),
+        left=vectors.get("left"),
+        dense=vectors.get("dense"),
+        key=vectors.get("key"),
+        value=vectors.get("value"),
+        stats=stats,
+        weight_norm=float(weight.double().norm()),
+        seconds=time.perf_counter() - began,
+        phases=phases,
+    )
+    progress(1.0, "edit computed")
+    return edit

@@ -1,0 +1,211 @@
+"""Edits as data, and the one object that applies and undoes them.
+
+An :class:`Edit` holds its request, layer, method and update (ROME's two rank-one vectors, or FT's
+dense matrix); it can be saved to a file and re-applied to the same model.
+
+An :class:`EditSession` is one user's stack of edits. The shared model carries a session's edits only
+while :meth:`EditSession.applied` is open, under the model's lock: another session's traces and
+generations, which take the same lock, never see them. Leaving the block copies the saved original
+matrices back, so the weights return bit for bit (nothing is subtracted).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .models import LoadedModel, model_fingerprint
+from .prompts import InputError
+
+EDIT_FORMAT = 1
+ARRAY_FIELDS = ("right", "left", "dense", "key", "value")
+# An update this many times the Frobenius norm of the whole matrix it changes is almost surely broken.
+BROKEN_NORM_RATIO = 1.0
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Rewrite ``subject``'s object after ``prompt`` (a template with ``{}``) to ``target_new``."""
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+
+    @property
+    def filled(self) -> str:
+        """The prompt with the subject written in."""
+        return self.prompt.replace("{}", self.subject, 1)
+
+
+@dataclass
+class Edit:
+    """A computed edit of one layer's MLP output projection: ΔW = right ⊗ left, or ``dense``."""
+
+    request: EditRequest
+    layer: int
+    method: str
+    model: str  # fingerprint of the model it was computed on
+    weight_shape: tuple[int, int]  # [out, in]
+    right: np.ndarray | None  # Λ, [out]
+    left: np.ndarray | None  # C⁻¹k*, [in]
+    dense: np.ndarray | None  # FT's ΔW, [out, in]
+    stats: dict
+    weight_norm: float
+    seconds: float = 0.0
+    phases: dict = field(default_factory=dict)
+    key: np.ndarray | None = None  # the key the update maps exactly (k*, or the bare prompt's for rome-original)
+    value: np.ndarray | None = None  # v*, what W' maps that key to
+
+    def update(self) -> torch.Tensor:
+        """ΔW as a float64 [out, in] tensor."""
+        if self.dense is not None:
+            return torch.from_numpy(self.dense).double()
+        return torch.outer(torch.from_numpy(self.right).double(), torch.from_numpy(self.left).double())
+
+    @property
+    def delta_norm(self) -> float:
+        """Frobenius norm of ΔW (for a rank-one update, ‖Λ‖·‖u‖)."""
+        if self.dense is not None:
+            return float(np.linalg.norm(self.dense))
+        return float(np.linalg.norm(self.right) * np.linalg.norm(self.left))
+
+    def warnings(self) -> list[str]:
+        """What makes this edit look broken, if anything."""
+        found = []
+        arrays = [a for a in (self.right, self.left, self.dense) if a is not None]
+        if any(not np.isfinite(a).all() for a in arrays):
+            found.append("the update contains NaN or infinite values; do not apply it")
+        elif self.delta_norm > BROKEN_NORM_RATIO * self.weight_norm:
+            found.append(
+                f"the update norm {self.delta_norm:.3g} exceeds the whole matrix's norm {self.weight_norm:.3g}; "
+                "the edit may break the model (try another layer or the rome method)"
+            )
+        return found
+
+    def summary(self) -> dict:
+        """A short description for lists and reports."""
+        return {
+            "request": asdict(self.request),
+            "layer": self.layer,
+            "method": self.method,
+            "delta_norm": self.delta_norm,
+            "relative_norm": self.delta_norm / self.weight_norm if self.weight_norm else float("inf"),
+            "stats": self.stats,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the edit as an .npz file (arrays plus a JSON header)."""
+        path = Path(path)
+        header = {
+            "format": EDIT_FORMAT,
+            "request": asdict(self.request),
+            "layer": self.layer,
+            "method": self.method,
+            "model": self.model,
+            "weight_shape": list(self.weight_shape),
+            "stats": self.stats,
+            "weight_norm": self.weight_norm,
+            "seconds": self.seconds,
+            "phases": self.phases,
+        }
+        arrays = {name: getattr(self, name) for name in ARRAY_FIELDS if getattr(self, name) is not None}
+        with path.open("wb") as handle:
+            np.savez(handle, header=np.array(json.dumps(header)), **arrays)
+        return path
+
+
+def load_edit(path: str | Path) -> Edit:
+    """An edit saved by :meth:`Edit.save`, or :class:`InputError` saying why it cannot be read."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            arrays = {key: data[key].copy() for key in ARRAY_FIELDS if key in data.files}
+    except (OSError, ValueError, KeyError) as error:
+        raise InputError(f"{path} is not a saved edit ({type(error).__name__}); save one with --save-edit") from None
+    if header.get("format") != EDIT_FORMAT:
+        raise InputError(f"{path} has edit format {header.get('format')}, this version reads {EDIT_FORMAT}")
+    return Edit(
+        request=EditRequest(**header["request"]),
+        layer=int(header["layer"]),
+        method=header["method"],
+        model=header["model"],
+        weight_shape=tuple(header["weight_shape"]),
+        right=arrays.get("right"),
+        left=arrays.get("left"),
+        dense=arrays.get("dense"),
+        stats=header["stats"],
+        weight_norm=float(header["weight_norm"]),
+        seconds=float(header.get("seconds", 0.0)),
+        phases=header.get("phases", {}),
+        key=arrays.get("key"),
+        value=arrays.get("value"),
+    )
+
+
+class EditSession:
+    """One user's stack of edits over a shared model; the model is edited only inside :meth:`applied`."""
+
+    def __init__(self, handle: LoadedModel) -> None:
+        self.handle = handle
+        self.edits: list[Edit] = []
+
+    def check(self, edit: Edit) -> None:
+        """Raise :class:`InputError` if ``edit`` was not made for this model."""
+        if edit.model != model_fingerprint(self.handle):
+            raise InputError(f"the edit was computed on model {edit.model}, not {model_fingerprint(self.handle)}")
+        if not 0 <= edit.layer < self.handle.num_layers:
+            raise InputError(f"the edit's layer {edit.layer} does not exist in this model")
+        shape = tuple(self.handle.arch.mlp_out_weight(edit.layer).shape)
+        if tuple(edit.weight_shape) != shape:
+            raise InputError(f"the edit's matrix shape {tuple(edit.weight_shape)} differs from the model's {shape}")
+        if any(not np.isfinite(a).all() for a in (edit.right, edit.left, edit.dense) if a is not None):
+            raise InputError("the edit contains NaN or infinite values; it was not applied")
+
+    def add(self, edit: Edit) -> None:
+        """Stack ``edit`` on the session's edits (it takes effect inside :meth:`applied`)."""
+        self.check(edit)
+        self.edits.append(edit)
+
+    def undo(self, index: int = -1) -> Edit:
+        """Remove one edit (the last by default) and return it."""
+        if not self.edits:
+            raise InputError("there is no edit to undo")
+        if not -len(self.edits) <= index < len(self.edits):
+            raise InputError(f"there is no edit number {index}; the session has {len(self.edits)}")
+        return self.edits.pop(index)
+
+    def clear(self) -> None:
+        """Remove every edit."""
+        self.edits.clear()
+
+    def active(self) -> list[dict]:
+        """Summaries of the active edits, oldest first."""
+        return [edit.summary() for edit in self.edits]
+
+    @contextmanager
+    def applied(self) -> Iterator[LoadedModel]:
+        """Hold the model's lock with this session's edits applied; restore the exact originals on exit."""
+        handle = self.handle
+        with handle.lock:
+            originals: dict[int, torch.Tensor] = {}
+            try:
+                for edit in self.edits:
+                    weight = handle.arch.mlp_out_weight(edit.layer)
+                    if edit.layer not in originals:
+                        originals[edit.layer] = weight.detach().clone()
+                    with torch.no_grad():
+                        updated = weight.double() + edit.update().to(weight.device)
+                        weight.copy_(updated.to(weight.dtype))
+                yield handle
+            finally:
+                with torch.no_grad():
+                    for layer, original in originals.items():
+                        handle.arch.mlp_out_weight(layer).copy_(original)
+

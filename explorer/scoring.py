@@ -1,0 +1,68 @@
+"""Teacher-forced likelihoods of target strings after prompts: what edits and their evaluation measure.
+
+A target's probability is exp(−mean per-token negative log-likelihood), as in the paper's CounterFact
+metrics. Prompts are tokenised with the tokenizer's special tokens (Gemma's BOS included), targets
+without them, so a BOS never lands inside a target.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .models import LoadedModel
+from .prompts import InputError, clean_text
+
+ROWS_PER_PASS = 32
+
+
+def target_ids(handle: LoadedModel, target: str) -> list[int]:
+    """The target's token ids, no special tokens; an empty target is an :class:`InputError`."""
+    target = clean_text(target, "target")
+    ids = handle.tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InputError(f"target {target!r} has no tokens; type the expected answer, e.g. ' Paris'")
+    return list(ids)
+
+
+def mean_nll(handle: LoadedModel, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    """Mean per-token negative log-likelihood of each (prompt, target) pair's target, teacher-forced."""
+    tokenizer = handle.tokenizer
+    encoded = []
+    for prompt, target in pairs:
+        prompt_ids = tokenizer(clean_text(prompt, "prompt"), add_special_tokens=True)["input_ids"]
+        encoded.append((list(prompt_ids), target_ids(handle, target)))
+    out = np.zeros(len(encoded))
+    with handle.lock, torch.no_grad():
+        for begin in range(0, len(encoded), ROWS_PER_PASS):
+            out[begin : begin + ROWS_PER_PASS] = _batch_nll(handle, encoded[begin : begin + ROWS_PER_PASS])
+    return out
+
+
+def _batch_nll(handle: LoadedModel, batch: list[tuple[list[int], list[int]]]) -> np.ndarray:
+    rows = [prompt + target[:-1] for prompt, target in batch]
+    width = max(len(row) for row in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    # Right padding: under causal attention the real positions never see the padding after them.
+    hidden = handle.arch.backbone(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device)).last_hidden_state
+    # Unembed only the positions that predict a target token (the vocabulary can be 262k wide).
+    where = [(i, len(prompt) - 1 + j) for i, (prompt, target) in enumerate(batch) for j in range(len(target))]
+    picked = hidden[[i for i, _ in where], [p for _, p in where]]
+    logprobs = torch.log_softmax(handle.arch.logits(picked).double(), dim=-1)
+    wanted = torch.tensor([t for _, target in batch for t in target], device=logprobs.device)
+    token_nll = -logprobs.gather(1, wanted.unsqueeze(1)).squeeze(1).cpu().numpy()
+    out, at = np.zeros(len(batch)), 0
+    for i, (_, target) in enumerate(batch):
+        out[i] = token_nll[at : at + len(target)].mean()
+        at += len(target)
+    return out
+
+
+def target_probabilities(handle: LoadedModel, prompts: Sequence[str], target: str) -> np.ndarray:
+    """exp(−mean NLL) of ``target`` after each prompt."""
+    return np.exp(-mean_nll(handle, [(prompt, target) for prompt in prompts]))

@@ -1,0 +1,266 @@
+"""ROME and FT edits on tiny random models of every family: the fast value pass against a plain forward,
+the rank-one algebra, exact undo, session isolation, saved edits and bad input."""
+from __future__ import annotations
+
+import threading
+from contextlib import ExitStack
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAMILIES, build_tiny
+from explorer import hooks
+from explorer.editing import (
+    EditOptions,
+    _row,
+    align,
+    compute_edit,
+    context_templates,
+    make_request,
+    precompute,
+    suffix_pass,
+    _target_nll,
+)
+from explorer.edits import EditSession, load_edit
+from explorer.prompts import InputError
+from explorer.scoring import mean_nll, target_ids, target_probabilities
+from explorer.stats import SecondMoment, StatsSpec, solve
+
+REQUEST = make_request("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris")
+FAST = EditOptions(layer=1, steps=4, prefixes=((3, 2), (5, 2)), stats=StatsSpec(corpus="identity"))
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request):
+    return build_tiny(request.param)
+
+
+def _plain_nll_with_delta(handle, row, layer, delta):
+    """Reference: the row alone, unpadded, full forward, δ added at its subject's last token."""
+
+    def add(output):
+        output = output.clone()
+        output[:, row.subject_last] += delta
+        return output
+
+    with torch.no_grad(), hooks.on_output(handle.arch.mlp_out(layer), add):
+        hidden = handle.arch.backbone(input_ids=torch.tensor([row.ids])).last_hidden_state[0]
+    start = len(row.ids) - len(row.targets)
+    logprobs = torch.log_softmax(handle.arch.logits(hidden[start : start + len(row.targets)]).double(), -1)
+    return float(-logprobs[range(len(row.targets)), row.targets].mean())
+
+
+def test_fast_value_pass_matches_plain_forward(tiny):
+    """Replayed lower layers, cached prefix and aligned padding give the plain per-prompt losses."""
+    layer = 2
+    templates = context_templates(["Some text here", "A much longer prefix with several words in it"])
+    targets = target_ids(tiny, " Rome city")
+    rows = [_row(tiny, template, REQUEST, targets) for template in templates]
+    batch = align(rows, pad_id=0)
+    pre = precompute(tiny, batch, layer, kl_row=None)
+    delta = torch.randn(pre.outputs.shape[-1], generator=torch.Generator().manual_seed(0))
+
+    def add(output):
+        output = output.clone()
+        output[:, 0] += delta
+        return output
+
+    with torch.no_grad(), hooks.on_output(tiny.arch.mlp_out(layer), add), suffix_pass(tiny, batch, layer, pre) as run:
+        states = run()
+        fast = [float(_target_nll(tiny, batch, states, [i])) for i in range(len(rows))]
+    plain = [_plain_nll_with_delta(tiny, row, layer, delta) for row in rows]
+    assert np.allclose(fast, plain, atol=1e-5), (fast, plain)
+    # The keys: W's input at each subject's last token, as a plain forward sees it.
+    for i, row in enumerate(rows):
+        with torch.no_grad(), hooks.capture_inputs({"k": tiny.arch.mlp_out(layer)}) as seen:
+            tiny.arch.backbone(input_ids=torch.tensor([row.ids]))
+        assert torch.allclose(pre.keys[i], seen["k"][0, row.subject_last], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rome", "rome-original"])
+def test_rank_one_update_maps_key_to_value_and_undo_is_exact(method):
+    handle = build_tiny("llama")
+    options = EditOptions(**{**FAST.__dict__, "method": method, "stats": StatsSpec(tokens=600)})
+    edit = compute_edit(handle, REQUEST, options)
+    weight = handle.arch.mlp_out_weight(options.layer)
+    original = weight.detach().clone()
+    session = EditSession(handle)
+    session.add(edit)
+    module = handle.arch.mlp_out(options.layer)
+    with session.applied(), torch.no_grad():
+        assert not torch.equal(weight, original)
+        delta = edit.update()
+        assert np.linalg.matrix_rank(delta.numpy(), tol=1e-9 * float(delta.abs().max())) == 1
+        # The method's defining property: the edited matrix maps its key to v*.
+        mapped = module(torch.from_numpy(edit.key).float().unsqueeze(0))[0]
+        assert torch.allclose(mapped.double(), torch.from_numpy(edit.value), atol=1e-4)
+    assert torch.equal(weight, original), "undo must restore the weights bit for bit"
+    assert edit.stats["corpus"] == "sample" and edit.stats["samples"] > 0
+
+
+def test_rome_update_solves_the_paper_equation():
+    """ΔW = Λ (C⁻¹k)ᵀ with Λ = (v − Wk − b)/((C⁻¹k)ᵀk): W'k = v, and W'x = Wx for x with xᵀC⁻¹k = 0."""
+    from explorer.editing import rank_one_update
+
+    handle = build_tiny("gpt2")  # Conv1D layout and a bias
+    layer = 1
+    module = handle.arch.mlp_out(layer)
+    width = handle.arch.mlp_out_weight(layer).shape[1]
+    generator = torch.Generator().manual_seed(1)
+    samples = torch.randn(500, width, generator=generator, dtype=torch.float64)
+    moment = SecondMoment(matrix=samples.T @ samples / 500, layer=layer, spec=StatsSpec(), count=500)
+    key = torch.randn(width, generator=generator)
+    value = torch.randn(handle.arch.mlp_out_weight(layer).shape[0], generator=generator)
+    right, left = rank_one_update(handle, layer, key, value, moment, shrinkage=0.0)
+    assert torch.allclose(left, torch.linalg.solve(moment.matrix, key.double()), atol=1e-8)
+    session = EditSession(handle)
+    from explorer.edits import Edit
+    from explorer.models import model_fingerprint
+
+    weight = handle.arch.mlp_out_weight(layer)
+    edit = Edit(REQUEST, layer, "rome", model_fingerprint(handle), tuple(weight.shape), right.numpy(), left.numpy(), None, {}, 1.0)
+    other = torch.randn(width, generator=generator, dtype=torch.float64)
+    other -= (other @ left) / (left @ left) * left  # orthogonal to C⁻¹k: untouched by the update
+    session.add(edit)
+    with torch.no_grad():
+        before_other = module(other.float().unsqueeze(0))[0]
+        with session.applied():
+            after_key = module(key.unsqueeze(0))[0]
+            after_other = module(other.float().unsqueeze(0))[0]
+    assert torch.allclose(after_key, value, atol=1e-4)
+    assert torch.allclose(after_other, before_other, atol=1e-4)
+
+
+def test_solve_adds_ridge_when_singular():
+    moment = SecondMoment(matrix=torch.zeros(4, 4, dtype=torch.float64), layer=0, spec=StatsSpec(), count=1)
+    moment.matrix[0, 0] = 1.0
+    out = solve(moment, torch.ones(4))
+    assert torch.isfinite(out).all()
+    identity = SecondMoment(matrix=None, layer=0, spec=StatsSpec(corpus="identity"), count=0)
+    assert torch.equal(solve(identity, torch.ones(3)), torch.ones(3, dtype=torch.float64))
+
+
+def test_value_optimisation_lowers_its_loss(tiny):
+    edit = compute_edit(tiny, REQUEST, EditOptions(**{**FAST.__dict__, "steps": 10}))
+    assert edit.stats["value_loss"] < edit.stats["value_loss_initial"], edit.stats
+    assert 1 <= edit.stats["value_steps"] <= 10 and np.isfinite(edit.delta_norm)
+    session = EditSession(tiny)
+    session.add(edit)
+    with session.applied():
+        # v* is what the edited layer now outputs at k*
+        module = tiny.arch.mlp_out(edit.layer)
+        with torch.no_grad():
+            mapped = module(torch.from_numpy(edit.key).float().unsqueeze(0))[0]
+        assert torch.allclose(mapped.double(), torch.from_numpy(edit.value), atol=1e-4)
+
+
+def test_ft_baseline_stays_in_its_linf_ball():
+    handle = build_tiny("gemma3_text")
+    options = EditOptions(method="ft", layer=1, ft_steps=10, ft_norm=1e-3, ft_lr=1e-3)
+    edit = compute_edit(handle, REQUEST, options)
+    assert edit.dense is not None and np.abs(edit.dense).max() <= 1e-3 + 1e-9
+    session = EditSession(handle)
+    before = mean_nll(handle, [(REQUEST.filled, REQUEST.target_new)])[0]
+    session.add(edit)
+    with session.applied():
+        after = mean_nll(handle, [(REQUEST.filled, REQUEST.target_new)])[0]
+    assert after < before
+
+
+def test_sessions_are_isolated_under_concurrency():
+    handle = build_tiny("qwen2")
+    edit = compute_edit(handle, REQUEST, FAST)
+    edited, plain = EditSession(handle), EditSession(handle)
+    edited.add(edit)
+    reference = target_probabilities(handle, [REQUEST.filled], REQUEST.target_new)[0]
+    with edited.applied():
+        changed = target_probabilities(handle, [REQUEST.filled], REQUEST.target_new)[0]
+    assert changed != reference
+    seen: dict[str, list[float]] = {"edited": [], "plain": []}
+
+    def work(name, session):
+        for _ in range(15):
+            with session.applied():
+                seen[name].append(target_probabilities(handle, [REQUEST.filled], REQUEST.target_new)[0])
+
+    threads = [threading.Thread(target=work, args=("edited", edited)), threading.Thread(target=work, args=("plain", plain))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(p == reference for p in seen["plain"]), "another session's edit leaked"
+    assert all(p == changed for p in seen["edited"])
+    assert target_probabilities(handle, [REQUEST.filled], REQUEST.target_new)[0] == reference
+
+
+def test_stacked_edits_undo_one_at_a_time(tmp_path):
+    handle = build_tiny("gpt_neox")
+    first = compute_edit(handle, REQUEST, FAST)
+    second_request = make_request("{} plays the", "Miles Davis", " guitar")
+    session = EditSession(handle)
+    session.add(first)
+    with session.applied():
+        second = compute_edit(handle, second_request, FAST)  # computed on top of the first edit
+    session.add(second)
+    assert [e["request"]["subject"] for e in session.active()] == ["The Eiffel Tower", "Miles Davis"]
+    only_first = EditSession(handle)
+    only_first.add(first)
+    with only_first.applied():
+        expected = handle.arch.mlp_out_weight(1).detach().clone()
+    session.undo()
+    with session.applied():
+        assert torch.equal(handle.arch.mlp_out_weight(1), expected)
+    # Saved and re-applied: the same weights.
+    path = first.save(tmp_path / "edit.npz")
+    again = EditSession(handle)
+    again.add(load_edit(path))
+    with again.applied():
+        assert torch.equal(handle.arch.mlp_out_weight(1), expected)
+    with pytest.raises(InputError, match="computed on model"):
+        EditSession(build_tiny("gpt2")).add(load_edit(path))
+    (tmp_path / "junk.npz").write_bytes(b"not an edit")
+    with pytest.raises(InputError, match="not a saved edit"):
+        load_edit(tmp_path / "junk.npz")
+    session.clear()
+    with pytest.raises(InputError, match="no edit to undo"):
+        session.undo()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("{} is in", "Paris", " Rome"), None),
+        (("The Eiffel Tower is in", "Louvre", " Rome"), "does not occur"),
+        (("{} is {} in", "X", " Rome"), "exactly once"),
+        (("{}", "X", " Rome"), "go on after"),
+        (("{} is in", "X", "   "), "empty"),
+        (("{} is in", "X", " Rome", " Rome"), "same as target_true"),
+        (("{} is in\x00", "X", " Rome"), "control characters"),
+    ],
+)
+def test_bad_requests_are_one_line_errors(args, message):
+    if message is None:
+        assert make_request(*args).prompt == "{} is in"
+        assert make_request("Paris is in", "Paris", " Rome").prompt == "{} is in"
+        return
+    with pytest.raises(InputError, match=message):
+        make_request(*args)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (EditOptions(layer=99), "out of range"),
+        (EditOptions(layer=-1), "out of range"),
+        (EditOptions(method="memit"), "unknown method"),
+        (EditOptions(layer=1, stats=StatsSpec(corpus="books")), "unknown statistics corpus"),
+        (EditOptions(layer=1, stats=StatsSpec(corpus="text:/no/such/file")), "does not exist"),
+    ],
+)
+def test_bad_options_leave_the_model_untouched(options, message):
+    handle = build_tiny("phi3")
+    before = [p.detach().clone() for p in handle.model.parameters()]
+    with pytest.raises(InputError, match=message):
+        compute_edit(handle, REQUEST, options)
+    assert all(torch.equal(a, b) for a, b in zip(before, handle.model.parameters()))
