@@ -9,6 +9,7 @@ import torch
 
 from .facts import Fact, load_facts
 from .models import LoadedModel
+from .prompts import InputError
 from .tracing import DEFAULT_LIMITS, SEVERED_KEYS, TraceLimits, TraceOptions, last_subject_effects, trace, trace_severed
 
 CATEGORIES = (
@@ -173,5 +174,5 @@ def last_subject_mlp_effects(
         if predicts(handle, fact):
             rows.append(last_subject_effects(handle, fact.prompt, fact.subject, "mlp"))
     if not rows:
-        raise ValueError("the model completes none of the facts correctly; give the layer explicitly")
+        raise InputError("the model completes none of the fact set's facts, so no edit layer can be chosen; give --layer")
     return np.mean(rows, axis=0), len(rows)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m explorer trace|average|severed ...`` (the same engines as the app)."""
+"""Command line: ``python -m explorer trace|average|severed|known|edit ...`` (the same engines as the app)."""
 from __future__ import annotations
 
 import argparse
@@ -80,7 +80,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(known)
     known.add_argument("--write-predictions", dest="write_out", help="write the fact set here with each 'prediction' set to the model's top-1 token")
     known.add_argument("--json", dest="json_out", help="write the counts as JSON here")
+
+    edit = commands.add_parser("edit", help="rewrite one fact with ROME (or the FT baseline) and compare before/after")
+    edit.add_argument("--prompt", required=True, help="template with {} for the subject, e.g. '{} is located in the city of'")
+    edit.add_argument("--subject", required=True, help="the subject, e.g. 'The Eiffel Tower'")
+    edit.add_argument("--target", required=True, dest="target_new", help="the new object, e.g. ' Rome' (mind the leading space)")
+    edit.add_argument("--target-true", dest="target_true", help="the current object (default: the model's top-1 token)")
+    _add_edit_options(edit)
+    edit.add_argument("--generate", nargs="+", default=[], metavar="PROMPT", help="prompts to complete before and after")
+    edit.add_argument("--paraphrase", nargs="+", default=[], metavar="PROMPT", help="paraphrases of the edit prompt to score")
+    edit.add_argument("--neighborhood", nargs="+", default=[], metavar="PROMPT", help="prompts whose answer must stay target_true")
+    edit.add_argument("--sample-seed", type=int, help="sample generations (top-k 50) with this seed instead of greedy")
+    edit.add_argument("--tokens", type=int, default=30, help="tokens per generation (default 30)")
+    edit.add_argument("--apply-edit", nargs="+", default=[], metavar="FILE", help="saved edits to apply first (stacked)")
+    edit.add_argument("--save-edit", dest="save_out", help="save the computed edit here (.npz) to re-apply later")
+    edit.add_argument("--json", dest="json_out", help="write the report as JSON here")
+    _add_model_options(edit)
     return parser
+
+
+def _add_edit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="rome", help="rome (default), rome-original or ft")
+    parser.add_argument("--layer", type=int, help="layer to edit (default: the model's peak MLP-effect layer)")
+    parser.add_argument("--stats-corpus", default="sample", help="key statistics from: sample (default), identity, wikipedia, text:PATH")
+    parser.add_argument("--stats-tokens", type=int, default=20_000, help="tokens of statistics text (default 20000)")
+    parser.add_argument("--shrinkage", type=float, default=0.0, help="ridge on the key statistics, share of mean diagonal")
+    parser.add_argument("--steps", type=int, default=20, help="at most this many value-optimisation steps (default 20)")
+
+
+def _edit_options(args: argparse.Namespace):
+    """Edit options from the command line (checked against the model once it is loaded)."""
+    from .editing import EditOptions, METHODS
+    from .stats import StatsSpec
+
+    if args.method not in METHODS:
+        raise InputError(f"unknown method {args.method!r}: use one of {', '.join(METHODS)}")
+    stats = StatsSpec(corpus=args.stats_corpus, tokens=args.stats_tokens)
+    stats.validate()
+    return EditOptions(method=args.method, layer=args.layer, stats=stats, shrinkage=args.shrinkage, steps=args.steps)
 
 
 def _options(args: argparse.Namespace):
@@ -207,7 +244,63 @@ def run_known(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"trace": run_trace, "average": run_average, "severed": run_severed, "known": run_known}
+def run_edit(args: argparse.Namespace) -> int:
+    """The ``edit`` command: compute an edit, compare before and after, optionally save it."""
+    from dataclasses import asdict, replace
+
+    from .compare import Probes, compare, with_true_target
+    from .editing import compute_edit, make_request, validate_options
+    from .edits import EditSession, load_edit
+    from .generation import GREEDY, Sampling
+
+    request = make_request(args.prompt, args.subject, args.target_new, args.target_true)
+    options = _edit_options(args)
+    saved = [load_edit(path) for path in args.apply_edit]
+    if not 1 <= args.tokens <= 200:
+        raise InputError("--tokens must be between 1 and 200")
+    handle = _load(args)
+    validate_options(handle, options)
+    session = EditSession(handle)
+    for edit in saved:
+        session.add(edit)
+    request = with_true_target(handle, request, session)
+    bar = ProgressBar("editing")
+    try:
+        with session.applied():
+            edit = compute_edit(handle, request, options, progress=bar)
+    finally:
+        bar.done()
+    sampling = GREEDY if args.sample_seed is None else Sampling(top_k=50, seed=args.sample_seed)
+    probes = Probes(tuple(args.paraphrase), tuple(args.neighborhood), tuple(args.generate), args.tokens, sampling)
+    report = compare(session, edit, probes)
+    if args.save_out:
+        edit.save(args.save_out)
+    summary = edit.summary()
+    data = {
+        "request": asdict(request),
+        "layer": edit.layer,
+        "method": edit.method,
+        "seconds": edit.seconds,
+        "stats": edit.stats,
+        "delta_norm": edit.delta_norm,
+        "relative_norm": summary["relative_norm"],
+        "phases": edit.phases,
+        "edits_applied_first": len(saved),
+        **report,
+    }
+    before, after = report["before"], report["after"]
+    print(f"layer {edit.layer}, {edit.method}, {edit.seconds:.1f} s; |dW| = {edit.delta_norm:.3g}", file=sys.stderr)
+    print(f"P({request.target_new!r}): {before['target_new_prob']:.4f} -> {after['target_new_prob']:.4f}", file=sys.stderr)
+    print(f"P({request.target_true!r}): {before['target_true_prob']:.4f} -> {after['target_true_prob']:.4f}", file=sys.stderr)
+    for old, new in zip(before["generations"], after["generations"]):
+        print(f"{old['prompt']}\n  original: {old['text']!r}\n  edited:   {new['text']!r}", file=sys.stderr)
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    _write_json(args.json_out, data)
+    return 0
+
+
+COMMANDS = {"trace": run_trace, "average": run_average, "severed": run_severed, "known": run_known, "edit": run_edit}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (InputError, ModelLoadError, TraceCancelled) as error:
+    except (InputError, ModelLoadError, TraceCancelled, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

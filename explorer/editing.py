@@ -287,22 +287,42 @@ def suffix_pass(
         yield run
 
 
-def _target_nll(handle: LoadedModel, batch: AlignedBatch, states: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-    """Mean over ``rows`` of each row's mean per-token NLL of its targets (states: suffix columns)."""
-    where, wanted, owner = [], [], []
-    for i in rows:
+@dataclass
+class LossLayout:
+    """Which suffix states the value loss reads: target-predicting positions, then the KL position."""
+
+    rows: list[int]
+    columns: list[int]
+    tokens: list[int]  # the target token each (row, column) predicts
+    weights: torch.Tensor  # per target token: 1 / (tokens in its row × rows), so each prompt counts once
+    kl: bool  # whether the last (row, column) is the KL prompt's final position
+
+
+def loss_layout(batch: AlignedBatch, rewrite_rows: Sequence[int], kl_row: int | None) -> LossLayout:
+    """The :class:`LossLayout` of ``batch``: targets of ``rewrite_rows``, and ``kl_row``'s last position."""
+    rows, columns, tokens, weights = [], [], [], []
+    for i in rewrite_rows:
         row = batch.rows[i]
         prompt_length = len(row.ids) - len(row.targets) + 1
         for j, token in enumerate(row.targets):
-            where.append((i, batch.column(i, prompt_length - 1 + j) - batch.split))
-            wanted.append(token)
-            owner.append(i)
-    picked = states[[i for i, _ in where], [c for _, c in where]]
-    logprobs = torch.log_softmax(handle.arch.logits(picked).float(), -1)
-    token_nll = -logprobs.gather(1, torch.tensor(wanted, device=logprobs.device).unsqueeze(1)).squeeze(1)
-    counts = {i: sum(1 for o in owner if o == i) for i in rows}
-    weights = torch.tensor([1.0 / (counts[o] * len(rows)) for o in owner], device=token_nll.device)
-    return (token_nll * weights).sum()
+            rows.append(i)
+            columns.append(batch.column(i, prompt_length - 1 + j) - batch.split)
+            tokens.append(token)
+            weights.append(1.0 / (len(row.targets) * len(rewrite_rows)))
+    if kl_row is not None:
+        rows.append(kl_row)
+        columns.append(batch.column(kl_row, len(batch.rows[kl_row].ids) - 1) - batch.split)
+    return LossLayout(rows, columns, tokens, torch.tensor(weights), kl_row is not None)
+
+
+def read_losses(handle: LoadedModel, layout: LossLayout, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean target NLL, and the KL prompt's next-token log-probabilities (one unembedding for both)."""
+    logprobs = torch.log_softmax(handle.arch.logits(states[layout.rows, layout.columns]).float(), -1)
+    count = len(layout.tokens)
+    wanted = torch.tensor(layout.tokens, device=logprobs.device).unsqueeze(1)
+    token_nll = -logprobs[:count].gather(1, wanted).squeeze(1)
+    nll = (token_nll * layout.weights.to(token_nll.device)).sum()
+    return nll, (logprobs[count].double() if layout.kl else None)
 
 
 # ---------------------------------------------------------------- ROME
@@ -335,12 +355,10 @@ def optimise_value(
         return output + added
 
     steps = 0
+    layout = loss_layout(batch, rewrite_rows, kl_row)
     with hooks.on_output(handle.arch.mlp_out(layer), add_delta), suffix_pass(handle, batch, layer, pre) as run:
         for steps in range(1, options.steps + 1):
-            states = run()
-            nll = _target_nll(handle, batch, states, rewrite_rows)
-            last = batch.column(kl_row, len(batch.rows[kl_row].ids) - 1) - batch.split
-            kl_logprobs = torch.log_softmax(handle.arch.logits(states[kl_row, last]).double(), -1)
+            nll, kl_logprobs = read_losses(handle, layout, run())
             kl = torch.sum(pre.kl_reference.exp() * (pre.kl_reference - kl_logprobs))
             decay = options.weight_decay * delta.norm() / initial.norm() ** 2
             loss = nll + options.kl_factor * kl.float() + decay

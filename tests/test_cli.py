@@ -73,3 +73,49 @@ def test_average_and_severed_json(tiny_folder, tmp_path):
     assert out.returncode == 0, out.stderr
     severed = json.loads((tmp_path / "s.json").read_text())
     assert len(severed["ordinary"]["mean"]) == len(severed["mlp_severed"]["mean"]) == 4
+
+
+def test_edit_reports_saves_and_reapplies(tiny_folder, tmp_path):
+    common = ("--model", str(tiny_folder), "--layer", "1", "--stats-corpus", "identity", "--steps", "3", "--tokens", "5")
+    out = _run("edit", "--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", " Rome",
+               "--generate", "The Eiffel Tower is", "--json", str(tmp_path / "e.json"), "--save-edit", str(tmp_path / "e.npz"), *common)
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "e.json").read_text())
+    for key in ("request", "layer", "method", "seconds", "stats", "delta_norm", "before", "after"):
+        assert key in data
+    assert data["layer"] == 1 and data["method"] == "rome" and data["stats"]["corpus"] == "identity"
+    assert data["request"]["target_true"]  # filled in from the model's own top-1 token
+    for side in ("before", "after"):
+        assert set(data[side]) >= {"target_new_prob", "target_true_prob", "generations"}
+        assert data[side]["generations"][0]["prompt"] == "The Eiffel Tower is"
+    assert data["after"]["target_new_prob"] != data["before"]["target_new_prob"]
+    stacked = _run("edit", "--prompt", "{} plays the", "--subject", "Miles Davis", "--target", " guitar",
+                   "--apply-edit", str(tmp_path / "e.npz"), "--json", str(tmp_path / "s.json"), *common)
+    assert stacked.returncode == 0, stacked.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["edits_applied_first"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--method", "memit"), "unknown method"),
+        (("--layer", "9"), "out of range"),
+        (("--stats-corpus", "novels"), "unknown statistics corpus"),
+        (("--target", " "), "target_new is empty"),
+        (("--apply-edit", "/no/such.npz"), "not a saved edit"),
+    ],
+)
+def test_edit_bad_input_exits_2_with_one_line(tiny_folder, args, message):
+    base = {"--prompt": "{} is in", "--subject": "Paris", "--target": " Rome", "--layer": "1", "--stats-corpus": "identity"}
+    pairs = dict(base)
+    extra = []
+    for flag, value in zip(args[::2], args[1::2]):
+        if flag in pairs:
+            pairs[flag] = value
+        else:
+            extra += [flag, value]
+    argv = [item for pair in pairs.items() for item in pair] + extra
+    out = _run("edit", *argv, "--model", str(tiny_folder))
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and message in last, out.stderr

@@ -20,7 +20,8 @@ from explorer.editing import (
     make_request,
     precompute,
     suffix_pass,
-    _target_nll,
+    loss_layout,
+    read_losses,
 )
 from explorer.edits import EditSession, load_edit
 from explorer.prompts import InputError
@@ -68,7 +69,7 @@ def test_fast_value_pass_matches_plain_forward(tiny):
 
     with torch.no_grad(), hooks.on_output(tiny.arch.mlp_out(layer), add), suffix_pass(tiny, batch, layer, pre) as run:
         states = run()
-        fast = [float(_target_nll(tiny, batch, states, [i])) for i in range(len(rows))]
+        fast = [float(read_losses(tiny, loss_layout(batch, [i], None), states)[0]) for i in range(len(rows))]
     plain = [_plain_nll_with_delta(tiny, row, layer, delta) for row in rows]
     assert np.allclose(fast, plain, atol=1e-5), (fast, plain)
     # The keys: W's input at each subject's last token, as a plain forward sees it.

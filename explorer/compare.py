@@ -1,0 +1,88 @@
+"""Before and after an edit: target probabilities on the edit prompt, its paraphrases and neighbours,
+and completions from the original and the edited model side by side."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .aggregate import top_prediction
+from .edits import Edit, EditRequest, EditSession
+from .generation import GREEDY, Sampling, complete
+from .metrics import ngram_entropy
+from .models import LoadedModel
+from .scoring import target_probabilities
+
+GENERATION_TOKENS = 30
+# A drop of generation entropy this large (bits) after an edit means the text started to repeat itself.
+ENTROPY_COLLAPSE_BITS = 1.0
+
+
+@dataclass(frozen=True)
+class Probes:
+    """What to look at around an edit."""
+
+    paraphrases: tuple[str, ...] = ()
+    neighborhood: tuple[str, ...] = ()
+    generate: tuple[str, ...] = ()
+    new_tokens: int = GENERATION_TOKENS
+    sampling: Sampling = GREEDY
+
+
+def with_true_target(handle: LoadedModel, request: EditRequest, session: EditSession | None = None) -> EditRequest:
+    """``request`` with target_true filled in from the model's own top-1 next token when it is missing."""
+    if request.target_true is not None:
+        return request
+    if session is None:
+        token = top_prediction(handle, request.filled)
+    else:
+        with session.applied():
+            token = top_prediction(handle, request.filled)
+    return replace(request, target_true=handle.tokenizer.decode([token]))
+
+
+def snapshot(handle: LoadedModel, request: EditRequest, probes: Probes) -> dict:
+    """Probabilities and generations of the model as it is now (call inside a session's ``applied``)."""
+    def probs(prompts: Sequence[str]) -> dict:
+        if not prompts:
+            return {"target_new_prob": [], "target_true_prob": []}
+        return {
+            "target_new_prob": target_probabilities(handle, prompts, request.target_new).tolist(),
+            "target_true_prob": target_probabilities(handle, prompts, request.target_true).tolist(),
+        }
+
+    edit_prompt = probs([request.filled])
+    texts = complete(handle, probes.generate, probes.new_tokens, probes.sampling) if probes.generate else []
+    return {
+        "target_new_prob": edit_prompt["target_new_prob"][0],
+        "target_true_prob": edit_prompt["target_true_prob"][0],
+        "paraphrases": probs(probes.paraphrases),
+        "neighborhood": probs(probes.neighborhood),
+        "generations": [{"prompt": p, "text": t} for p, t in zip(probes.generate, texts)],
+    }
+
+
+def compare(session: EditSession, edit: Edit, probes: Probes) -> dict:
+    """``before`` (the session's other edits only) and ``after`` (with ``edit`` too), plus warnings."""
+    handle = session.handle
+    request = edit.request
+    with session.applied():
+        before = snapshot(handle, request, probes)
+    trial = EditSession(handle)
+    trial.edits = [*session.edits, edit]
+    with trial.applied():
+        after = snapshot(handle, request, probes)
+    return {"before": before, "after": after, "warnings": edit.warnings() + entropy_warnings(before, after)}
+
+
+def entropy_warnings(before: dict, after: dict) -> list[str]:
+    """A warning when the edited model's generations lost much of their n-gram entropy."""
+    texts_before = [g["text"] for g in before["generations"] if g["text"].strip()]
+    texts_after = [g["text"] for g in after["generations"] if g["text"].strip()]
+    if not texts_before or not texts_after:
+        return []
+    drop = float(np.mean([ngram_entropy(t) for t in texts_before]) - np.mean([ngram_entropy(t) for t in texts_after]))
+    if drop > ENTROPY_COLLAPSE_BITS:
+        return [f"generation entropy fell by {drop:.2f} bits after the edit: the edited model repeats itself"]
+    return []
