@@ -1,4 +1,4 @@
-"""Command line: ``python -m explorer trace|average|severed|known|edit ...`` (the same engines as the app)."""
+"""Command line: ``python -m explorer trace|average|severed|known|edit|evaluate ...`` (the same engines as the app)."""
 from __future__ import annotations
 
 import argparse
@@ -96,11 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save-edit", dest="save_out", help="save the computed edit here (.npz) to re-apply later")
     edit.add_argument("--json", dest="json_out", help="write the report as JSON here")
     _add_model_options(edit)
+
+    evaluate = commands.add_parser("evaluate", help="CounterFact / zsRE metrics of an editing method over a data set")
+    evaluate.add_argument("dataset", help="data set JSON: CounterFact (ROME or EasyEdit format) or zsRE (ROME format)")
+    evaluate.add_argument("--limit", type=int, help="use the first N cases")
+    evaluate.add_argument("--skip-generation", action="store_true", help="skip the fluency (generation entropy) metric")
+    _add_edit_options(evaluate)
+    evaluate.add_argument("--json", dest="json_out", help="write the result here; per-case lines go to JSON.partial.jsonl as they finish, and a rerun resumes from them")
+    _add_model_options(evaluate)
     return parser
 
 
 def _add_edit_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="rome", help="rome (default), rome-original or ft")
+    parser.add_argument("--method", default="rome", help="rome (default), rome-original, ft (or none, for evaluate)")
     parser.add_argument("--layer", type=int, help="layer to edit (default: the model's peak MLP-effect layer)")
     parser.add_argument("--stats-corpus", default="sample", help="key statistics from: sample (default), identity, wikipedia, text:PATH")
     parser.add_argument("--stats-tokens", type=int, default=20_000, help="tokens of statistics text (default 20000)")
@@ -113,11 +121,12 @@ def _edit_options(args: argparse.Namespace):
     from .editing import EditOptions, METHODS
     from .stats import StatsSpec
 
-    if args.method not in METHODS:
+    if args.method not in (*METHODS, "none") or (args.method == "none" and args.command != "evaluate"):
         raise InputError(f"unknown method {args.method!r}: use one of {', '.join(METHODS)}")
     stats = StatsSpec(corpus=args.stats_corpus, tokens=args.stats_tokens)
     stats.validate()
-    return EditOptions(method=args.method, layer=args.layer, stats=stats, shrinkage=args.shrinkage, steps=args.steps)
+    method = "rome" if args.method == "none" else args.method
+    return EditOptions(method=method, layer=args.layer, stats=stats, shrinkage=args.shrinkage, steps=args.steps)
 
 
 def _options(args: argparse.Namespace):
@@ -300,7 +309,37 @@ def run_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"trace": run_trace, "average": run_average, "severed": run_severed, "known": run_known, "edit": run_edit}
+def run_evaluate(args: argparse.Namespace) -> int:
+    """The ``evaluate`` command: paper-style table on stderr, JSON to --json (or stdout)."""
+    from .editing import validate_options
+    from .evaluate import EvaluationSettings, evaluate, format_table, read_dataset
+
+    kind, cases = read_dataset(args.dataset, args.limit)
+    options = _edit_options(args)
+    handle = _load(args)
+    validate_options(handle, options)
+    settings = EvaluationSettings(method=args.method, generation=not args.skip_generation, edit=options)
+    partial = Path(args.json_out + ".partial.jsonl") if args.json_out else None
+    bar = ProgressBar(f"evaluating {args.method}")
+    try:
+        result = evaluate(handle, cases, kind, settings, partial, progress=bar)
+    finally:
+        bar.done()
+    print(format_table(result), file=sys.stderr)
+    _write_json(args.json_out, result)
+    if partial is not None and partial.exists():
+        partial.unlink()  # the run finished: the JSON has every case
+    return 0
+
+
+COMMANDS = {
+    "trace": run_trace,
+    "average": run_average,
+    "severed": run_severed,
+    "known": run_known,
+    "edit": run_edit,
+    "evaluate": run_evaluate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

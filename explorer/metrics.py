@@ -24,11 +24,11 @@ def ngram_entropy(text: str) -> float:
     return float(np.mean(values))
 
 
-def mean_ci95(values: Sequence[float]) -> dict[str, float]:
-    """Mean and 95% confidence half-width (normal approximation) of ``values``."""
+def mean_ci95(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean and 95% confidence half-width (normal approximation) of ``values``; None for no values."""
     array = np.asarray(values, dtype=float)
     if array.size == 0:
-        return {"mean": float("nan"), "ci95": float("nan")}
+        return {"mean": None, "ci95": None}
     half = 1.96 * array.std(ddof=1) / math.sqrt(array.size) if array.size > 1 else 0.0
     return {"mean": float(array.mean()), "ci95": float(half)}
 

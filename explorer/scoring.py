@@ -7,6 +7,7 @@ without them, so a BOS never lands inside a target.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,21 +27,44 @@ def target_ids(handle: LoadedModel, target: str) -> list[int]:
     return list(ids)
 
 
-def mean_nll(handle: LoadedModel, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-    """Mean per-token negative log-likelihood of each (prompt, target) pair's target, teacher-forced."""
+@dataclass
+class TargetScore:
+    """Per target token: negative log-likelihood, and whether it was the model's top-1 token there."""
+
+    token_nll: np.ndarray
+    token_hit: np.ndarray
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean per-token NLL (the paper's score; exp(−it) is the target's probability)."""
+        return float(self.token_nll.mean())
+
+    @property
+    def accuracy(self) -> float:
+        """Share of target tokens predicted top-1 under teacher forcing (zsRE's metric)."""
+        return float(self.token_hit.mean())
+
+
+def score_targets(handle: LoadedModel, pairs: Sequence[tuple[str, str]]) -> list[TargetScore]:
+    """Teacher-forced scores of each (prompt, target) pair's target tokens."""
     tokenizer = handle.tokenizer
     encoded = []
     for prompt, target in pairs:
         prompt_ids = tokenizer(clean_text(prompt, "prompt"), add_special_tokens=True)["input_ids"]
         encoded.append((list(prompt_ids), target_ids(handle, target)))
-    out = np.zeros(len(encoded))
+    out: list[TargetScore] = []
     with handle.lock, torch.no_grad():
         for begin in range(0, len(encoded), ROWS_PER_PASS):
-            out[begin : begin + ROWS_PER_PASS] = _batch_nll(handle, encoded[begin : begin + ROWS_PER_PASS])
+            out += _batch_scores(handle, encoded[begin : begin + ROWS_PER_PASS])
     return out
 
 
-def _batch_nll(handle: LoadedModel, batch: list[tuple[list[int], list[int]]]) -> np.ndarray:
+def mean_nll(handle: LoadedModel, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+    """Mean per-token negative log-likelihood of each (prompt, target) pair's target, teacher-forced."""
+    return np.array([score.mean_nll for score in score_targets(handle, pairs)])
+
+
+def _batch_scores(handle: LoadedModel, batch: list[tuple[list[int], list[int]]]) -> list[TargetScore]:
     rows = [prompt + target[:-1] for prompt, target in batch]
     width = max(len(row) for row in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -56,9 +80,10 @@ def _batch_nll(handle: LoadedModel, batch: list[tuple[list[int], list[int]]]) ->
     logprobs = torch.log_softmax(handle.arch.logits(picked).double(), dim=-1)
     wanted = torch.tensor([t for _, target in batch for t in target], device=logprobs.device)
     token_nll = -logprobs.gather(1, wanted.unsqueeze(1)).squeeze(1).cpu().numpy()
-    out, at = np.zeros(len(batch)), 0
-    for i, (_, target) in enumerate(batch):
-        out[i] = token_nll[at : at + len(target)].mean()
+    token_hit = (logprobs.argmax(-1) == wanted).cpu().numpy()
+    out, at = [], 0
+    for _, target in batch:
+        out.append(TargetScore(token_nll[at : at + len(target)], token_hit[at : at + len(target)]))
         at += len(target)
     return out
 

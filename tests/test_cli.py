@@ -119,3 +119,17 @@ def test_edit_bad_input_exits_2_with_one_line(tiny_folder, args, message):
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, out.stderr
+
+
+def test_evaluate_prints_table_and_writes_json(tiny_folder, tmp_path):
+    out = _run("evaluate", str(REPO / "assets" / "counterfact_sample.json"), "--limit", "2", "--skip-generation",
+               "--model", str(tiny_folder), "--layer", "1", "--stats-corpus", "identity", "--steps", "2",
+               "--json", str(tmp_path / "ev.json"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "ev.json").read_text())
+    assert set(data) >= {"method", "cases", "metrics", "unedited", "per_case"}
+    assert data["cases"] == 2 and set(data["metrics"]["ES"]) == {"mean", "ci95"}
+    assert "unedited" in out.stderr and "rome" in out.stderr and " ES" in out.stderr
+    assert not (tmp_path / "ev.json.partial.jsonl").exists()
+    bad = _run("evaluate", str(tiny_folder / "config.json"), "--model", str(tiny_folder))
+    assert bad.returncode == 2 and "unrecognised data set record" in bad.stderr or "non-empty JSON list" in bad.stderr

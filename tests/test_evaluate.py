@@ -1,0 +1,108 @@
+"""Evaluation: the three data set formats, the metric functions, and runs on a tiny model (restore, resume)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, build_tiny
+from explorer import evaluate as ev
+from explorer.editing import EditOptions
+from explorer.metrics import harmonic_mean, mean_ci95, ngram_entropy
+from explorer.prompts import InputError
+from explorer.stats import StatsSpec
+
+SAMPLE = REPO / "assets" / "counterfact_sample.json"
+FAST = EditOptions(layer=1, steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
+
+
+def test_sample_set_is_valid_counterfact():
+    kind, cases = ev.read_dataset(SAMPLE)
+    assert kind == "counterfact" and len(cases) >= 40
+    assert len({c.request.prompt for c in cases}) > 10
+    for case in cases:
+        assert len(case.paraphrases) >= 2 and len(case.neighborhood) >= 2 and case.generation
+        assert case.request.target_new.startswith(" ") and case.request.target_true.startswith(" ")
+
+
+def test_easyedit_and_zsre_formats(tmp_path):
+    easy = [{"case_id": 7, "prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
+             "target_new": "Rome", "ground_truth": "Paris", "rephrase_prompt": "The Eiffel Tower is in",
+             "locality_prompt": "The Louvre is in", "locality_ground_truth": "Paris"}]
+    (tmp_path / "easy.json").write_text(json.dumps(easy))
+    kind, cases = ev.read_dataset(tmp_path / "easy.json")
+    assert kind == "counterfact-easyedit"
+    assert cases[0].request.prompt == "{} is located in the city of" and cases[0].request.target_true == " Paris"
+    assert cases[0].paraphrases == ("The Eiffel Tower is in",) and cases[0].case_id == "7"
+    zsre = [{"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?", "pred": "Yale",
+             "rephrase": "What university did Watts Humphrey go to?", "alt": "University of Michigan",
+             "answers": ["Illinois Institute of Technology"], "loc": "nq question: who played desmond doss father",
+             "loc_ans": "Hugo Weaving", "cond": ""}]
+    (tmp_path / "zsre.json").write_text(json.dumps(zsre))
+    kind, cases = ev.read_dataset(tmp_path / "zsre.json")
+    assert kind == "zsre" and cases[0].request.prompt == "What university did {} attend?"
+    assert cases[0].neighborhood_answer == " Hugo Weaving"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[{\"foo\": 1}]", "unrecognised data set record"),
+        ("not json", "is not JSON"),
+        ("[]", "non-empty JSON list"),
+        ("[{\"requested_rewrite\": {\"prompt\": \"{} is\"}}]", "lacks field"),
+    ],
+)
+def test_bad_data_sets_are_clear_errors(tmp_path, content, message):
+    (tmp_path / "d.json").write_text(content)
+    with pytest.raises(InputError, match=message):
+        ev.read_dataset(tmp_path / "d.json")
+
+
+def test_metric_functions():
+    # "a b a b a b": bigrams (a,b)x3 (b,a)x2 -> H2; trigrams (a,b,a)x2 (b,a,b)x2 -> H3 = 1 bit
+    h2 = -(0.6 * math.log2(0.6) + 0.4 * math.log2(0.4))
+    assert ngram_entropy("a b a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert ngram_entropy("same same same same") == 0.0
+    assert harmonic_mean([1.0, 0.5, 0.5]) == pytest.approx(3 / (1 + 2 + 2))
+    assert harmonic_mean([1.0, 0.0]) == 0.0
+    assert mean_ci95([1.0, 1.0])["ci95"] == 0.0
+    summary = ev.summarise(
+        [{"after": {"ES": 1.0, "PS": 0.5, "NS": 1.0, "EM": 0.2, "PM": 0.1, "NM": 0.3, "fluency": 5.0}}] * 2, "after", "counterfact"
+    )
+    assert summary["ES"]["mean"] == 100.0 and summary["S"]["mean"] == pytest.approx(100 * 3 / (1 + 2 + 1))
+    assert summary["fluency"]["mean"] == 5.0
+
+
+def test_run_restores_the_model_and_resumes(tmp_path, monkeypatch):
+    handle = build_tiny("gemma3_text")
+    _, cases = ev.read_dataset(SAMPLE, limit=2)
+    before = [p.detach().clone() for p in handle.model.parameters()]
+    settings = ev.EvaluationSettings(method="rome", generation=False, edit=FAST)
+    partial = tmp_path / "run.partial.jsonl"
+    result = ev.evaluate(handle, cases, "counterfact", settings, partial)
+    assert all(torch.equal(a, b) for a, b in zip(before, handle.model.parameters()))
+    assert result["cases"] == 2 and set(result["metrics"]) == set(ev.COUNTERFACT_METRICS)
+    unedited = ev.evaluate(handle, cases, "counterfact", ev.EvaluationSettings(method="none", generation=False))
+    assert unedited["unedited"] == result["unedited"]  # the same unedited numbers whatever the method
+    first = result["per_case"][0]
+    assert first["after"]["target_new_prob"] != first["before"]["target_new_prob"]
+    # Resume: every case is in the per-case file, so a rerun edits nothing.
+    monkeypatch.setattr(ev, "compute_edit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    again = ev.evaluate(handle, cases, "counterfact", settings, partial)
+    assert again["per_case"] == json.loads(json.dumps(result["per_case"]))
+    # A different method does not reuse another run's cases.
+    other = ev.EvaluationSettings(method="rome-original", generation=False, edit=FAST)
+    with pytest.raises(AssertionError, match="recomputed"):
+        ev.evaluate(handle, cases, "counterfact", other, partial)
+
+
+def test_fluency_uses_generations():
+    handle = build_tiny("llama")
+    _, cases = ev.read_dataset(SAMPLE, limit=1)
+    metrics = ev.counterfact_metrics(handle, cases[0], generation=True, seed=0)
+    assert metrics["fluency"] is not None and metrics["fluency"] > 0
+    assert 0 <= metrics["ES"] <= 1 and metrics["NS"] is not None and np.isfinite(metrics["NM"])
