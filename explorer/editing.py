@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -141,19 +141,20 @@ def default_layer(handle: LoadedModel, facts_limit: int = 40, progress: Progress
     Computed once per model with the tracing engine, over the first ``facts_limit`` facts of the
     project's fact set that the model completes correctly, and cached on disk.
     """
-    if "default_layer" in handle.memo:
-        return handle.memo["default_layer"]
-    path = cache_root() / "layers" / f"{model_fingerprint(handle)}.json"
+    memo_key = ("default_layer", facts_limit)
+    if memo_key in handle.memo:
+        return handle.memo[memo_key]
+    path = cache_root() / "layers" / f"{model_fingerprint(handle)}-facts{facts_limit}.json"
     if path.exists():
-        handle.memo["default_layer"] = int(json.loads(path.read_text())["layer"])
-        return handle.memo["default_layer"]
+        handle.memo[memo_key] = int(json.loads(path.read_text())["layer"])
+        return handle.memo[memo_key]
     from .aggregate import last_subject_mlp_effects
 
     effects, used = last_subject_mlp_effects(handle, facts_limit, progress)
     layer = int(np.argmax(effects))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"layer": layer, "facts": used, "mlp_effect_by_layer": effects.tolist()}, indent=1))
-    handle.memo["default_layer"] = layer
+    handle.memo[memo_key] = layer
     return layer
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

@@ -3,7 +3,6 @@ the rank-one algebra, exact undo, session isolation, saved edits and bad input."
 from __future__ import annotations
 
 import threading
-from contextlib import ExitStack
 
 import numpy as np
 import pytest
