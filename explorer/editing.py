@@ -17,6 +17,7 @@ edited one up.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
@@ -28,7 +29,7 @@ import torch
 
 from . import hooks
 from .edits import Edit, EditRequest
-from .generation import Sampling, generate_ids, positions_from_mask, start_token
+from .generation import Sampling, added_token_ids, generate_ids, positions_from_mask, start_token
 from .models import LoadedModel, cache_root, model_fingerprint
 from .prompts import InputError, clean_text, tokenize_at
 from .scoring import target_ids
@@ -37,6 +38,8 @@ from .stats import SecondMoment, StatsSpec, second_moment, solve
 METHODS = ("rome", "rome-original", "ft")
 Progress = Callable[[float, str], None]
 KL_TEMPLATE = "{} is a"  # the prompt whose next-token distribution the KL term keeps
+PREFIX_FORMAT = 2  # bump when the way prefixes are made changes (cached per model)
+_MARKUP = re.compile(r"<[^>]{0,40}>")
 
 
 @dataclass(frozen=True)
@@ -104,20 +107,21 @@ def context_prefixes(handle: LoadedModel, options: EditOptions) -> list[str]:
     if key in handle.memo:
         return handle.memo[key]
     path = cache_root() / "prefixes" / f"{model_fingerprint(handle)}.json"
-    name = json.dumps([list(p) for p in options.prefixes] + [options.prefix_seed])
+    name = json.dumps([PREFIX_FORMAT] + [list(p) for p in options.prefixes] + [options.prefix_seed])
     stored = json.loads(path.read_text()) if path.exists() else {}
     if name not in stored:
         prefixes = []
         first = start_token(handle)
+        banned = added_token_ids(handle)
         for index, (length, count) in enumerate(options.prefixes):
-            sampling = Sampling(top_k=5, seed=options.prefix_seed * 1000 + index)
+            sampling = Sampling(top_k=5, seed=options.prefix_seed * 1000 + index, banned=banned)
             with handle.lock:
                 rows = generate_ids(handle, [[first]] * count, length, sampling)
             for row in rows:
                 text = handle.tokenizer.decode(row[1:], skip_special_tokens=True)
-                # Braces would be read as template slots; newlines would split the prompt.
-                text = " ".join(text.replace("{", " ").replace("}", " ").split())
-                prefixes.append(text)
+                # Braces would be read as template slots, markup and newlines are not prose.
+                text = _MARKUP.sub(" ", text).replace("{", " ").replace("}", " ")
+                prefixes.append(" ".join(text.split()))
         stored[name] = prefixes
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{id(stored)}")

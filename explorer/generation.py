@@ -23,6 +23,7 @@ class Sampling:
 
     top_k: int = 0
     seed: int = 0
+    banned: tuple[int, ...] = ()  # token ids never chosen (e.g. markup and control tokens for prose)
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +41,12 @@ def start_token(handle: LoadedModel) -> int:
         if token_id is not None:
             return int(token_id)
     raise ValueError("the tokenizer has neither a BOS nor an EOS token to start unconditional text from")
+
+
+def added_token_ids(handle: LoadedModel) -> tuple[int, ...]:
+    """Ids of the tokenizer's added tokens (specials, markup such as Gemma's ``<b>`` or ``<start_of_image>``)."""
+    added = getattr(handle.tokenizer, "added_tokens_decoder", None) or {}
+    return tuple(sorted(int(i) for i in added))
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +67,9 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    if sampling.banned:
+        logits = logits.clone()
+        logits[:, list(sampling.banned)] = float("-inf")
     if sampling.greedy:
         return logits.argmax(-1)
     values, indices = logits.float().topk(min(sampling.top_k, logits.shape[-1]), dim=-1)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -229,7 +230,7 @@ def _load_layer(folder: Path, layer: int) -> tuple[torch.Tensor, int] | None:
         if meta.get("format") != STATS_FORMAT:
             return None
         return torch.load(path, weights_only=True).double(), int(meta["count"])
-    except (OSError, ValueError, RuntimeError, KeyError):
+    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError):
         return None  # a damaged cache is recomputed
 
 

@@ -264,3 +264,63 @@ def test_bad_options_leave_the_model_untouched(options, message):
     with pytest.raises(InputError, match=message):
         compute_edit(handle, REQUEST, options)
     assert all(torch.equal(a, b) for a, b in zip(before, handle.model.parameters()))
+
+
+def test_context_prefixes_are_seeded_cached_and_plain_text():
+    from explorer.editing import context_prefixes
+
+    handle = build_tiny("gemma2")
+    options = EditOptions(prefixes=((4, 3), (6, 2)), prefix_seed=5)
+    first = context_prefixes(handle, options)
+    handle.memo.clear()  # forces a read of the on-disk cache
+    assert context_prefixes(handle, options) == first and len(first) == 5
+    fresh = build_tiny("gemma2")
+    fresh.memo["fingerprint"] = "uncached-" + str(id(fresh))  # no cache: generated again from the seed
+    assert context_prefixes(fresh, options) == first
+    assert all("{" not in p and "}" not in p and "\n" not in p for p in first)
+    assert context_templates(first)[0] == "{}" and context_templates(first)[1] == first[0] + ". {}"
+
+
+def test_second_moments_from_text_are_cached_and_symmetric(tmp_path):
+    from explorer import stats
+
+    handle = build_tiny("qwen3")
+    (tmp_path / "a.txt").write_text("The Eiffel Tower is in Paris. The Colosseum is in Rome. " * 40)
+    spec = StatsSpec(corpus=f"text:{tmp_path}", tokens=400)
+    moment = stats.second_moment(handle, 2, spec)
+    matrix = moment.matrix
+    assert torch.allclose(matrix, matrix.T) and float(torch.linalg.eigvalsh(matrix).min()) > -1e-6
+    assert 400 <= moment.count <= 400 + stats.SEQUENCE_TOKENS
+    # Check one entry against the keys themselves.
+    rows = stats.corpus_rows(handle, spec, lambda f, m: None)
+    keys = []
+    for row in rows:
+        with torch.no_grad(), hooks.capture_inputs({"k": handle.arch.mlp_out(2)}) as seen:
+            handle.arch.backbone(input_ids=torch.tensor([row]))
+        keys.append(seen["k"][0, [i for i, t in enumerate(row) if t not in handle.tokenizer.all_special_ids]])
+    keys = torch.cat(keys).double()
+    assert torch.allclose(matrix, keys.T @ keys / len(keys), atol=1e-5)
+    handle.memo.clear()
+    again = stats.second_moment(handle, 2, spec)  # from disk, every layer computed in the first pass
+    assert torch.allclose(again.matrix, matrix, atol=1e-6) and again.count == moment.count
+    assert stats._load_layer(stats.stats_folder(handle, spec), 0) is not None
+    (stats.stats_folder(handle, spec) / "layer_2.pt").write_bytes(b"damaged")
+    handle.memo.clear()
+    assert torch.allclose(stats.second_moment(handle, 2, spec).matrix, matrix, atol=1e-6)  # recomputed
+
+
+def test_wikipedia_without_network_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from explorer import stats
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(InputError, match="datasets"):
+        stats.second_moment(build_tiny("gpt2"), 1, StatsSpec(corpus="wikipedia", tokens=1000))
