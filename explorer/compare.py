@@ -10,7 +10,7 @@ import numpy as np
 from .aggregate import top_prediction
 from .edits import Edit, EditRequest, EditSession
 from .generation import GREEDY, Sampling, complete
-from .metrics import ngram_entropy
+from .metrics import ngram_entropy, rewrite_scores
 from .models import LoadedModel
 from .scoring import target_probabilities
 
@@ -73,7 +73,21 @@ def compare(session: EditSession, edit: Edit, probes: Probes) -> dict:
     trial.edits = [*session.edits, edit]
     with trial.applied():
         after = snapshot(handle, request, probes)
-    return {"before": before, "after": after, "warnings": edit.warnings() + entropy_warnings(before, after)}
+    return {
+        "before": before,
+        "after": after,
+        "metrics": {"before": edit_scores(before), "after": edit_scores(after)},
+        "warnings": edit.warnings() + entropy_warnings(before, after),
+    }
+
+
+def edit_scores(side: dict) -> dict:
+    """The paper's scores (ES, PS, NS and magnitudes) of one side of a comparison."""
+    def pairs(group: dict) -> list[tuple[float, float]]:
+        return list(zip(group["target_new_prob"], group["target_true_prob"]))
+
+    rewrite = [(side["target_new_prob"], side["target_true_prob"])]
+    return rewrite_scores(rewrite, pairs(side["paraphrases"]), pairs(side["neighborhood"]))
 
 
 def entropy_warnings(before: dict, after: dict) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 from .editing import EditOptions, compute_edit, make_request
 from .edits import EditRequest, EditSession
 from .generation import Sampling, complete
-from .metrics import harmonic_mean, mean_ci95, ngram_entropy
+from .metrics import harmonic_mean, mean_ci95, ngram_entropy, rewrite_scores
 from .models import LoadedModel
 from .prompts import InputError
 from .scoring import score_targets
@@ -142,15 +142,7 @@ def counterfact_metrics(handle: LoadedModel, case: Case, generation: bool, seed:
     probs: dict[str, list[tuple[float, float]]] = {}
     for name, prompts in groups.items():
         probs[name] = [(np.exp(-next(scores).mean_nll), np.exp(-next(scores).mean_nll)) for _ in prompts]
-    out: dict[str, float | None] = {}
-    for name, (score, magnitude, sign) in {"rewrite": ("ES", "EM", 1), "paraphrase": ("PS", "PM", 1), "neighborhood": ("NS", "NM", -1)}.items():
-        pairs_ = probs[name]
-        if not pairs_:
-            out[score] = out[magnitude] = None
-            continue
-        # Scores compare mean per-token NLLs, i.e. these probabilities; neighbourhood wants target_true ahead.
-        out[score] = float(np.mean([(new > true) if sign > 0 else (true > new) for new, true in pairs_]))
-        out[magnitude] = float(np.mean([sign * (new - true) for new, true in pairs_]))
+    out: dict[str, float | None] = rewrite_scores(probs["rewrite"], probs["paraphrase"], probs["neighborhood"])
     out["fluency"] = None
     if generation and case.generation:
         texts = complete(handle, case.generation, GENERATION_TOKENS, Sampling(top_k=GENERATION_TOP_K, seed=seed))

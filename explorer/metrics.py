@@ -38,3 +38,22 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if any(v <= 0 for v in values):
         return 0.0
     return len(values) / sum(1.0 / v for v in values)
+
+
+ProbabilityPairs = Sequence[tuple[float, float]]  # (P(target_new), P(target_true)) per prompt
+
+
+def rewrite_scores(rewrite: ProbabilityPairs, paraphrase: ProbabilityPairs, neighborhood: ProbabilityPairs) -> dict:
+    """ES/EM on the edit prompt, PS/PM on paraphrases, NS/NM on neighbours (None where no prompts).
+
+    Scores are shares of prompts where the wanted target is ahead (target_new for the edit prompt and
+    paraphrases, target_true for neighbours); magnitudes are mean probability differences.
+    """
+    out: dict[str, float | None] = {}
+    for pairs, score, magnitude, sign in ((rewrite, "ES", "EM", 1), (paraphrase, "PS", "PM", 1), (neighborhood, "NS", "NM", -1)):
+        if not pairs:
+            out[score] = out[magnitude] = None
+            continue
+        out[score] = float(np.mean([(new > true) if sign > 0 else (true > new) for new, true in pairs]))
+        out[magnitude] = float(np.mean([sign * (new - true) for new, true in pairs]))
+    return out

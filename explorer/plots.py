@@ -74,3 +74,42 @@ def trace_html(result: TraceResult) -> str:
         parts.append(heatmap(result, kind).to_html(full_html=False, include_plotlyjs="inline" if index == 0 else False))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _highlight(text: str, targets: dict[str, str]) -> str:
+    """``text`` escaped for HTML, with each target string wrapped in a mark of its class."""
+    out = safe_label(text)
+    for target, css in targets.items():
+        word = safe_label(target.strip())
+        if word:
+            out = out.replace(word, f'<mark class="{css}">{word}</mark>')
+    return out
+
+
+def generations_html(report: dict, target_new: str, target_true: str | None) -> str:
+    """Original and edited completions side by side, one row per prompt, targets highlighted."""
+    targets = {target_new: "target-new", **({target_true: "target-true"} if target_true else {})}
+    rows = []
+    for old, new in zip(report["before"]["generations"], report["after"]["generations"]):
+        rows.append(
+            f"<tr><td class='prompt'>{safe_label(old['prompt'])}</td>"
+            f"<td class='original'>{_highlight(old['text'], targets)}</td>"
+            f"<td class='edited'>{_highlight(new['text'], targets)}</td></tr>"
+        )
+    return (
+        "<style>.side-by-side td{vertical-align:top;padding:4px 8px}.target-new{background:#c7e9c0}"
+        ".target-true{background:#fcbba1}</style><table class='side-by-side'>"
+        "<tr><th>prompt</th><th>original model</th><th>edited model</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def metrics_markdown(metrics: dict, warnings: list[str]) -> str:
+    """The edit's scores before → after as a Markdown table, then any warnings."""
+    names = [n for n in ("ES", "PS", "NS", "EM", "PM", "NM") if metrics["after"].get(n) is not None]
+    def cell(value: float) -> str:
+        return f"{100 * value:.1f}"
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for side in ("before", "after"):
+        lines.append(f"| {side} | " + " | ".join(cell(metrics[side][n]) for n in names) + " |")
+    lines += [f"\n**Warning:** {safe_label(w)}" for w in warnings]
+    return "\n".join(lines)

@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import gradio as gr
 
 from . import plots
+from .compare import Probes, compare, with_true_target
+from .editing import METHODS, EditOptions, compute_edit, make_request, validate_options
+from .edits import EditSession
+from .evaluate import read_dataset
+from .facts import ASSETS
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from .prompts import InputError
 from .tracing import KINDS, TraceOptions, trace
+
+SAMPLE_CASES = ASSETS / "counterfact_sample.json"
+EDIT_ERRORS = (InputError, ModelLoadError, FloatingPointError)
+EDIT_OPTIONS = EditOptions()  # the app's edit settings (the paper's); method and layer come from the page
 
 EXAMPLES = [
     ["The Eiffel Tower is located in the city of", "The Eiffel Tower"],
@@ -28,35 +38,165 @@ def shared_model(name: str = DEFAULT_MODEL) -> LoadedModel:
         return _models[name]
 
 
-def run_trace(prompt: str, subject: str, kinds: list[str], samples: float, window: float, noise: float, progress=gr.Progress()):
-    """Trace handler: heatmaps for the chosen kinds, a caption and the subject used."""
+def session_for(state: EditSession | None) -> EditSession:
+    """This browser session's edits over the shared model (created on first use)."""
+    return state if state is not None else EditSession(shared_model())
+
+
+def run_trace(
+    prompt: str, subject: str, kinds: list[str], samples: float, window: float, noise: float,
+    state: EditSession | None = None, progress=gr.Progress(),
+):
+    """Trace handler, on this session's edited model: heatmaps for the chosen kinds, a caption, the subject used."""
     try:
         options = TraceOptions(kinds=tuple(kinds), samples=int(samples), window=int(window), noise=float(noise))
-        handle = shared_model()
-        result = trace(handle, prompt, subject or None, options, progress=lambda f, m: progress(f, desc=m))
-    except (InputError, ModelLoadError) as error:
+        session = session_for(state)
+        with session.applied():
+            result = trace(session.handle, prompt, subject or None, options, progress=lambda f, m: progress(f, desc=m))
+    except EDIT_ERRORS as error:
         raise gr.Error(str(error)) from None
     figures = [plots.heatmap(result, kind) if kind in result.scores else None for kind in KINDS]
-    return (*[gr.update(value=f, visible=f is not None) for f in figures], plots.caption(result), result.subject)
+    caption = plots.caption(result) + (f" (on the model with {len(session.edits)} edit(s) of yours)" if session.edits else "")
+    return (*[gr.update(value=f, visible=f is not None) for f in figures], caption, result.subject, session)
+
+
+def _lines(text: str | None) -> tuple[str, ...]:
+    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+
+
+def run_edit(
+    prompt: str, subject: str, target_new: str, target_true: str, layer: float | None, method: str,
+    paraphrases: str, neighborhood: str, generate: str, state: EditSession | None = None, progress=gr.Progress(),
+):
+    """Edit handler: compute the edit, add it to this session, and show before vs after."""
+    try:
+        session = session_for(state)
+        handle = session.handle
+        request = make_request(prompt, subject, target_new, target_true or None)
+        options = replace(EDIT_OPTIONS, method=method, layer=None if layer in (None, "") else int(layer))
+        validate_options(handle, options)
+        request = with_true_target(handle, request, session)
+        with session.applied():
+            edit = compute_edit(handle, request, options, progress=lambda f, m: progress(f, desc=m))
+        probes = Probes(_lines(paraphrases), _lines(neighborhood), _lines(generate) or (request.filled,))
+        report = compare(session, edit, probes)
+        session.add(edit)
+    except EDIT_ERRORS as error:
+        raise gr.Error(str(error)) from None
+    return (
+        comparison_rows(request, probes, report),
+        plots.generations_html(report, request.target_new, request.target_true),
+        plots.metrics_markdown(report["metrics"], report["warnings"]),
+        active_rows(session),
+        session,
+    )
+
+
+def comparison_rows(request, probes: Probes, report: dict) -> list[list]:
+    """One row per prompt: its role, P(new) and P(true) before and after."""
+    before, after = report["before"], report["after"]
+    rows = [["edit", request.filled, before["target_new_prob"], after["target_new_prob"],
+             before["target_true_prob"], after["target_true_prob"]]]
+    for role, key, prompts in (("paraphrase", "paraphrases", probes.paraphrases), ("neighbour", "neighborhood", probes.neighborhood)):
+        for i, text in enumerate(prompts):
+            rows.append([role, text, before[key]["target_new_prob"][i], after[key]["target_new_prob"][i],
+                         before[key]["target_true_prob"][i], after[key]["target_true_prob"][i]])
+    return [[*row[:2], *(float(v) for v in row[2:])] for row in rows]
+
+
+COMPARISON_HEADERS = ["role", "prompt", "P(new) before", "P(new) after", "P(true) before", "P(true) after"]
+EDIT_LIST_HEADERS = ["#", "subject", "prompt", "target_new", "layer", "method", "|ΔW|"]
+
+
+def active_rows(session: EditSession) -> list[list]:
+    """The session's active edits, oldest first."""
+    return [[i + 1, e["request"]["subject"], e["request"]["prompt"], e["request"]["target_new"], e["layer"], e["method"],
+             round(e["delta_norm"], 3)] for i, e in enumerate(session.active())]
+
+
+def undo_edit(number: float | None, state: EditSession | None = None):
+    """Undo one edit (by its number in the list; the last when empty)."""
+    session = session_for(state)
+    try:
+        session.undo(-1 if number in (None, "") else int(number) - 1)
+    except InputError as error:
+        raise gr.Error(str(error)) from None
+    return active_rows(session), session
+
+
+def reset_edits(state: EditSession | None = None):
+    """Remove every edit of this session."""
+    session = session_for(state)
+    session.clear()
+    return active_rows(session), session
+
+
+def sample_case_labels() -> list[str]:
+    """Labels of the bundled CounterFact cases offered as examples."""
+    _, cases = read_dataset(SAMPLE_CASES)
+    return [f"{c.case_id}: {c.request.filled} → {c.request.target_new.strip()}" for c in cases]
+
+
+def fill_from_case(label: str):
+    """The edit panel's fields from a bundled CounterFact case."""
+    _, cases = read_dataset(SAMPLE_CASES)
+    case = {c.case_id: c for c in cases}[label.split(":", 1)[0]]
+    r = case.request
+    return r.prompt, r.subject, r.target_new, r.target_true, "\n".join(case.paraphrases), "\n".join(case.neighborhood), "\n".join(case.generation)
 
 
 def build_app() -> gr.Blocks:
-    """The page: a trace panel (editing and averages join it as their engines land)."""
+    """The page: a trace panel and an edit panel over one shared model, edits kept per browser session."""
     with gr.Blocks(title="ROME Explorer") as demo:
-        gr.Markdown("# ROME Explorer\nLocate factual associations with causal tracing (Meng et al., ROME).")
-        with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][0])
-            subject = gr.Textbox(label="Subject (guessed when empty)", value=EXAMPLES[0][1])
-        with gr.Row():
-            kinds = gr.CheckboxGroup(list(KINDS), value=list(KINDS), label="Kinds")
-            samples = gr.Slider(1, 50, value=10, step=1, label="Samples")
-            window = gr.Slider(1, 30, value=10, step=1, label="Window")
-            noise = gr.Slider(0.5, 10, value=3, step=0.5, label="Noise (x sigma)")
-        button = gr.Button("Trace", variant="primary")
-        caption = gr.Textbox(label="Result", interactive=False)
-        plots_out = [gr.Plot(label=kind) for kind in KINDS]
-        gr.Examples(EXAMPLES, [prompt, subject])
-        button.click(
-            run_trace, [prompt, subject, kinds, samples, window, noise], [*plots_out, caption, subject], api_name="trace"
-        )
+        state = gr.State(None)
+        gr.Markdown("# ROME Explorer\nLocate factual associations with causal tracing and rewrite them with ROME (Meng et al.).")
+        with gr.Tab("Trace"):
+            with gr.Row():
+                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][0])
+                subject = gr.Textbox(label="Subject (guessed when empty)", value=EXAMPLES[0][1])
+            with gr.Row():
+                kinds = gr.CheckboxGroup(list(KINDS), value=list(KINDS), label="Kinds")
+                samples = gr.Slider(1, 50, value=10, step=1, label="Samples")
+                window = gr.Slider(1, 30, value=10, step=1, label="Window")
+                noise = gr.Slider(0.5, 10, value=3, step=0.5, label="Noise (x sigma)")
+            button = gr.Button("Trace", variant="primary")
+            caption = gr.Textbox(label="Result", interactive=False)
+            plots_out = [gr.Plot(label=kind) for kind in KINDS]
+            gr.Examples(EXAMPLES, [prompt, subject])
+            button.click(
+                run_trace, [prompt, subject, kinds, samples, window, noise, state], [*plots_out, caption, subject, state],
+                api_name="trace",
+            )
+        with gr.Tab("Edit"):
+            case = gr.Dropdown(sample_case_labels(), label="Example from the bundled CounterFact sample", value=None)
+            with gr.Row():
+                edit_prompt = gr.Textbox(label="Prompt ({} for the subject, or the subject written out)", value="{} is located in the city of")
+                edit_subject = gr.Textbox(label="Subject", value="The Eiffel Tower")
+                target_new = gr.Textbox(label="New target", value=" Rome")
+                target_true = gr.Textbox(label="True target (empty: the model's answer)", value="")
+            with gr.Row():
+                layer = gr.Number(label="Layer (empty: default)", value=None, precision=0)
+                method = gr.Dropdown(list(METHODS), value="rome", label="Method")
+            with gr.Row():
+                paraphrases = gr.Textbox(label="Paraphrases (one per line)", lines=3)
+                neighborhood = gr.Textbox(label="Neighbourhood prompts (one per line)", lines=3, value="The Louvre is located in the city of")
+                generate = gr.Textbox(label="Prompts to complete (one per line)", lines=3, value="The Eiffel Tower is located in")
+            edit_button = gr.Button("Edit", variant="primary")
+            table = gr.Dataframe(headers=COMPARISON_HEADERS, label="Before vs after", interactive=False)
+            generations = gr.HTML(label="Completions: original | edited")
+            metrics = gr.Markdown()
+            edits = gr.Dataframe(headers=EDIT_LIST_HEADERS, label="Your active edits", interactive=False)
+            with gr.Row():
+                undo_number = gr.Number(label="Edit # to undo (empty: last)", value=None, precision=0)
+                undo_button = gr.Button("Undo")
+                reset_button = gr.Button("Reset all")
+            case.change(fill_from_case, [case], [edit_prompt, edit_subject, target_new, target_true, paraphrases, neighborhood, generate])
+            edit_button.click(
+                run_edit,
+                [edit_prompt, edit_subject, target_new, target_true, layer, method, paraphrases, neighborhood, generate, state],
+                [table, generations, metrics, edits, state],
+                api_name="edit",
+            )
+            undo_button.click(undo_edit, [undo_number, state], [edits, state], api_name="undo")
+            reset_button.click(reset_edits, [state], [edits, state], api_name="reset")
     return demo
