@@ -3,8 +3,9 @@
     python benchmarks/edit_settings.py [--limit 10] [--layer 4] [--variants rome,rome-wd,...] [--json OUT]
 
 Variants (all on the default model, the project's CounterFact sample set, generation skipped):
-  rome            the paper's settings, C from 20k tokens sampled from the model
-  rome-wd         the same with weight decay 1e-3 instead of 0.5
+  rome            the defaults: C from 20k tokens sampled from the model, the family's weight decay
+  rome-wd         weight decay 1e-3 (Gemma 3's family setting)
+  rome-paper-wd   the paper's weight decay 0.5
   rome-identity   C = identity (no statistics)
   rome-shrink     C with 10% ridge shrinkage
   rome-original   the original code's Λ (bare prompt key)
@@ -31,6 +32,7 @@ def variants(layer: int) -> dict[str, tuple[str, EditOptions]]:
     return {
         "rome": ("rome", base),
         "rome-wd": ("rome", replace(base, weight_decay=1e-3)),
+        "rome-paper-wd": ("rome", replace(base, weight_decay=0.5)),
         "rome-identity": ("rome", replace(base, stats=StatsSpec(corpus="identity"))),
         "rome-shrink": ("rome", replace(base, shrinkage=0.1)),
         "rome-original": ("rome-original", base),
