@@ -29,7 +29,7 @@ import torch
 
 from . import hooks
 from .edits import Edit, EditRequest
-from .generation import Sampling, added_token_ids, generate_ids, positions_from_mask, start_token
+from .generation import Sampling, added_token_ids, generate_ids, pad_token, positions_from_mask, start_token
 from .models import LoadedModel, cache_root, model_fingerprint
 from .prompts import InputError, clean_text, tokenize_at
 from .scoring import target_ids
@@ -290,6 +290,15 @@ def precompute(handle: LoadedModel, batch: AlignedBatch, layer: int, kl_row: int
 
 
 @contextmanager
+def replaying_below(handle: LoadedModel, outputs: Sequence[Any]) -> Iterator[None]:
+    """Blocks 0..len(outputs)-1 skip their computation and return these recorded outputs."""
+    with ExitStack() as stack:
+        for layer, output in enumerate(outputs):
+            stack.enter_context(hooks.bypass(handle.arch.block(layer), lambda *a, _v=output, **k: _v))
+        yield
+
+
+@contextmanager
 def suffix_pass(
     handle: LoadedModel, batch: AlignedBatch, layer: int, pre: Precomputed
 ) -> Iterator[Callable[[], torch.Tensor]]:
@@ -311,9 +320,7 @@ def suffix_pass(
         )
         return out.last_hidden_state
 
-    with ExitStack() as stack:
-        for l in range(layer):
-            stack.enter_context(hooks.bypass(arch.block(l), lambda *a, _v=pre.below[l], **k: _v))
+    with replaying_below(handle, pre.below):
         yield run
 
 
@@ -453,8 +460,7 @@ def compute_rome(
     rows = [_row(handle, template, request, new_ids) for template in templates]
     rows.append(_row(handle, "{}", request, [], kl=True))
     kl_row = len(rows) - 1
-    pad_id = handle.tokenizer.pad_token_id if handle.tokenizer.pad_token_id is not None else 0
-    batch = align(rows, pad_id)
+    batch = align(rows, pad_token(handle))
     pre = precompute(handle, batch, layer, kl_row)
     key = pre.keys[: len(templates)].mean(0)
     phases["key"] = time.perf_counter() - began
@@ -514,9 +520,7 @@ def compute_ft(handle: LoadedModel, request: EditRequest, layer: int, options: E
 
     handle_hook = arch.mlp_out(layer).register_forward_hook(forward_hook)
     try:
-        with ExitStack() as stack:
-            for l in range(layer):
-                stack.enter_context(hooks.bypass(arch.block(l), lambda *a, _v=below[l], **k: _v))
+        with replaying_below(handle, below):
             for _ in range(options.ft_steps):
                 states = arch.backbone(input_ids=ids, use_cache=False).last_hidden_state[0, where]
                 loss = torch.nn.functional.cross_entropy(arch.logits(states).float(), wanted)

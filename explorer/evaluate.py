@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -275,7 +275,7 @@ def evaluate(
         if settings.method == "none":
             entry["after"] = before
         else:
-            options = EditOptions(**{**settings.edit.__dict__, "method": settings.method})
+            options = replace(settings.edit, method=settings.method)
             inner = lambda f, m, i=index: progress((i + 0.8 * f) / len(cases), f"case {i + 1}/{len(cases)}: {m}")
             edit = compute_edit(handle, case.request, options, progress=inner)
             session.add(edit)

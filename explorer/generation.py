@@ -49,6 +49,27 @@ def added_token_ids(handle: LoadedModel) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in added))
 
 
+def pad_token(handle: LoadedModel) -> int:
+    """The id padding positions get (they are masked; any id works, the tokenizer's pad when it has one)."""
+    pad_id = handle.tokenizer.pad_token_id
+    return int(pad_id) if pad_id is not None else start_token(handle)
+
+
+def right_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one right-padded batch and its attention mask.
+
+    Under causal attention the real positions never see the padding after them, so positions and
+    results of the real tokens are those of each row alone.
+    """
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows of different lengths as one left-padded batch and its attention mask."""
     width = max(len(row) for row in rows)
@@ -88,8 +109,7 @@ def generate_ids(
     from transformers import DynamicCache
 
     arch, device = handle.arch, handle.device
-    pad_id = handle.tokenizer.pad_token_id if handle.tokenizer.pad_token_id is not None else start_token(handle)
-    ids, mask = left_padded(rows, pad_id)
+    ids, mask = left_padded(rows, pad_token(handle))
     ids, mask = ids.to(device), mask.to(device)
     generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
     cache = DynamicCache(config=handle.model.config)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .generation import pad_token, right_padded
 from .models import LoadedModel
 from .prompts import InputError, clean_text
 
@@ -65,14 +66,7 @@ def mean_nll(handle: LoadedModel, pairs: Sequence[tuple[str, str]]) -> np.ndarra
 
 
 def _batch_scores(handle: LoadedModel, batch: list[tuple[list[int], list[int]]]) -> list[TargetScore]:
-    rows = [prompt + target[:-1] for prompt, target in batch]
-    width = max(len(row) for row in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    # Right padding: under causal attention the real positions never see the padding after them.
+    ids, mask = right_padded([prompt + target[:-1] for prompt, target in batch], pad_token(handle))
     hidden = handle.arch.backbone(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device)).last_hidden_state
     # Unembed only the positions that predict a target token (the vocabulary can be 262k wide).
     where = [(i, len(prompt) - 1 + j) for i, (prompt, target) in enumerate(batch) for j in range(len(target))]

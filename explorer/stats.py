@@ -25,7 +25,7 @@ import torch
 from filelock import FileLock
 
 from . import hooks
-from .generation import Sampling, generate_ids, start_token
+from .generation import Sampling, generate_ids, pad_token, right_padded, start_token
 from .models import LoadedModel, cache_root, model_fingerprint
 from .prompts import InputError
 
@@ -163,13 +163,8 @@ def accumulate_second_moments(
     keys_at: dict[int, torch.Tensor] = {}
     for begin in range(0, len(rows), batch):
         chunk = rows[begin : begin + batch]
-        width = max(len(r) for r in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        keep = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for i, row in enumerate(chunk):
-            ids[i, : len(row)] = torch.tensor(row)
-            keep[i, : len(row)] = torch.tensor([t not in specials for t in row])
-        # Right padding: under causal attention, real positions never see the padding after them.
+        ids, real = right_padded(chunk, pad_token(handle))
+        keep = real.bool() & ~torch.isin(ids, torch.tensor(sorted(specials), dtype=torch.long))
         with torch.no_grad(), hooks.capture_inputs({str(layer): arch.mlp_out(layer) for layer in layers}) as keys_at:
             arch.backbone(input_ids=ids.to(handle.device), use_cache=False)
         mask = keep.to(handle.device)

@@ -1,6 +1,7 @@
 """The Gradio app: layout and event wiring only; the engines do the work."""
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import replace
 
@@ -131,16 +132,20 @@ def reset_edits(state: EditSession | None = None):
     return active_rows(session), session
 
 
+@functools.lru_cache(maxsize=1)
+def sample_cases() -> tuple:
+    """The bundled CounterFact cases, read once per process."""
+    return tuple(read_dataset(SAMPLE_CASES)[1])
+
+
 def sample_case_labels() -> list[str]:
     """Labels of the bundled CounterFact cases offered as examples."""
-    _, cases = read_dataset(SAMPLE_CASES)
-    return [f"{c.case_id}: {c.request.filled} → {c.request.target_new.strip()}" for c in cases]
+    return [f"{c.case_id}: {c.request.filled} → {c.request.target_new.strip()}" for c in sample_cases()]
 
 
 def fill_from_case(label: str):
     """The edit panel's fields from a bundled CounterFact case."""
-    _, cases = read_dataset(SAMPLE_CASES)
-    case = {c.case_id: c for c in cases}[label.split(":", 1)[0]]
+    case = {c.case_id: c for c in sample_cases()}[label.split(":", 1)[0]]
     r = case.request
     return r.prompt, r.subject, r.target_new, r.target_true, "\n".join(case.paraphrases), "\n".join(case.neighborhood), "\n".join(case.generation)
 
