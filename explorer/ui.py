@@ -61,12 +61,26 @@ def run_trace(
     return (*[gr.update(value=f, visible=f is not None) for f in figures], caption, result.subject, session)
 
 
+def optional_int(value: object, what: str) -> int | None:
+    """A whole number typed into a text field, None when left empty."""
+    text = "" if value is None else str(value).strip()
+    if not text:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if not number.is_integer():
+        raise InputError(f"{what} must be a whole number or empty, got {text!r}")
+    return int(number)
+
+
 def _lines(text: str | None) -> tuple[str, ...]:
     return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
 
 
 def run_edit(
-    prompt: str, subject: str, target_new: str, target_true: str, layer: float | None, method: str,
+    prompt: str, subject: str, target_new: str, target_true: str, layer: str | None, method: str,
     paraphrases: str, neighborhood: str, generate: str, state: EditSession | None = None, progress=gr.Progress(),
 ):
     """Edit handler: compute the edit, add it to this session, and show before vs after."""
@@ -74,7 +88,7 @@ def run_edit(
         session = session_for(state)
         handle = session.handle
         request = make_request(prompt, subject, target_new, target_true or None)
-        options = replace(EDIT_OPTIONS, method=method, layer=None if layer in (None, "") else int(layer))
+        options = replace(EDIT_OPTIONS, method=method, layer=optional_int(layer, "layer"))
         validate_options(handle, options)
         request = with_true_target(handle, request, session)
         with session.applied():
@@ -115,11 +129,12 @@ def active_rows(session: EditSession) -> list[list]:
              round(e["delta_norm"], 3)] for i, e in enumerate(session.active())]
 
 
-def undo_edit(number: float | None, state: EditSession | None = None):
+def undo_edit(number: str | None, state: EditSession | None = None):
     """Undo one edit (by its number in the list; the last when empty)."""
     session = session_for(state)
     try:
-        session.undo(-1 if number in (None, "") else int(number) - 1)
+        chosen = optional_int(number, "edit number")
+        session.undo(-1 if chosen is None else chosen - 1)
     except InputError as error:
         raise gr.Error(str(error)) from None
     return active_rows(session), session
@@ -180,7 +195,8 @@ def build_app() -> gr.Blocks:
                 target_new = gr.Textbox(label="New target", value=" Rome")
                 target_true = gr.Textbox(label="True target (empty: the model's answer)", value="")
             with gr.Row():
-                layer = gr.Number(label="Layer (empty: default)", value=None, precision=0)
+                # A text field: Gradio's Number shows an empty value as 0, which is a real layer.
+                layer = gr.Textbox(label="Layer (empty: the model's default)", value="")
                 method = gr.Dropdown(list(METHODS), value="rome", label="Method")
             with gr.Row():
                 paraphrases = gr.Textbox(label="Paraphrases (one per line)", lines=3)
@@ -192,7 +208,7 @@ def build_app() -> gr.Blocks:
             metrics = gr.Markdown()
             edits = gr.Dataframe(headers=EDIT_LIST_HEADERS, label="Your active edits", interactive=False)
             with gr.Row():
-                undo_number = gr.Number(label="Edit # to undo (empty: last)", value=None, precision=0)
+                undo_number = gr.Textbox(label="Edit # to undo (empty: last)", value="")
                 undo_button = gr.Button("Undo")
                 reset_button = gr.Button("Reset all")
             case.change(fill_from_case, [case], [edit_prompt, edit_subject, target_new, target_true, paraphrases, neighborhood, generate])

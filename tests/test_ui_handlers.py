@@ -20,7 +20,7 @@ def tiny_app(monkeypatch):
 
 
 def _edit(state, layer=1):
-    return ui.run_edit("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris", layer, "rome",
+    return ui.run_edit("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris", str(layer), "rome",
                        "The Eiffel Tower is in the city of", "The Louvre is located in the city of",
                        "The Eiffel Tower is", state, progress=lambda *a, **k: None)
 
@@ -39,7 +39,7 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     other = ui.run_trace(*trace_args, None, progress=lambda *a, **k: None)
     assert "edit(s) of yours" in edited[3] and "edit(s)" not in other[3]
     assert edited[3] != other[3]
-    edits, session = ui.undo_edit(None, session)
+    edits, session = ui.undo_edit("", session)  # an empty field: the last edit
     assert edits == []
     again = ui.run_trace(*trace_args, session, progress=lambda *a, **k: None)
     assert again[3] == other[3]  # after undo, the same trace as the unedited model
@@ -54,7 +54,11 @@ def test_bad_edit_input_is_a_gradio_error_and_changes_nothing(tiny_app):
     with pytest.raises(gr.Error, match="does not occur"):
         ui.run_edit("Paris is nice", "Rome", " x", "", 1, "rome", "", "", "", None, progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="out of range"):
-        ui.run_edit("{} is in", "Paris", " Rome", "", 99, "rome", "", "", "", None, progress=lambda *a, **k: None)
+        ui.run_edit("{} is in", "Paris", " Rome", "", "99", "rome", "", "", "", None, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="layer must be a whole number"):
+        ui.run_edit("{} is in", "Paris", " Rome", "", "two", "rome", "", "", "", None, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="edit number must be a whole number"):
+        ui.undo_edit("1.5", None)
     assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight)
 
 
