@@ -133,6 +133,11 @@ def average_effects(
     )
 
 
+def known_prompts(handle: LoadedModel, facts: Sequence[Fact]) -> list[tuple[str, str]]:
+    """(prompt, subject) of the facts the model completes correctly: the ones worth severing paths on."""
+    return [(fact.prompt, fact.subject) for fact in facts if predicts(handle, fact)]
+
+
 def average_severed(
     handle: LoadedModel,
     prompts: Sequence[tuple[str, str | None]],

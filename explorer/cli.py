@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from .export import json_text
 from .prompts import InputError
 
 PROGRESS_WIDTH = 30
@@ -151,7 +151,7 @@ def _load(args: argparse.Namespace):
 
 
 def _write_json(path: str | None, data: dict) -> None:
-    text = json.dumps(data, indent=1, ensure_ascii=False)
+    text = json_text(data)
     if path:
         Path(path).write_text(text, encoding="utf-8")
     else:
@@ -204,7 +204,7 @@ def run_average(args: argparse.Namespace) -> int:
 
 def run_severed(args: argparse.Namespace) -> int:
     """The ``severed`` command."""
-    from .aggregate import average_severed, predicts
+    from .aggregate import average_severed, known_prompts
     from .facts import load_facts
 
     options = _options(args)
@@ -212,7 +212,7 @@ def run_severed(args: argparse.Namespace) -> int:
     prompts: list[tuple[str, str | None]] = []
     for item in args.inputs:
         if item.endswith(".json") and Path(item).exists():
-            prompts.extend((f.prompt, f.subject) for f in load_facts(item, args.limit) if predicts(handle, f))
+            prompts.extend(known_prompts(handle, load_facts(item, args.limit)))
         else:
             prompts.append((item, args.subject))
     bar = ProgressBar("severing")
@@ -247,7 +247,7 @@ def run_known(args: argparse.Namespace) -> int:
     correct = sum(c for c, _ in per_relation.values())
     print(f"{correct} of {len(facts)} facts completed correctly", file=sys.stderr)
     if args.write_out:
-        Path(args.write_out).write_text(json.dumps([f.to_json() for f in updated], indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        Path(args.write_out).write_text(json_text([f.to_json() for f in updated]) + "\n", encoding="utf-8")
     _write_json(args.json_out, {"facts_total": len(facts), "facts_correct": correct,
                                 "relations": {r: {"correct": c, "total": t} for r, (c, t) in sorted(per_relation.items())}})
     return 0

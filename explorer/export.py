@@ -60,11 +60,21 @@ def trace_from_json(data: dict) -> TraceResult:
     )
 
 
+def json_text(data: object) -> str:
+    """The project's JSON layout: indented, non-ASCII kept as is."""
+    return json.dumps(data, indent=1, ensure_ascii=False)
+
+
+def write_data(data: object, path: str | Path) -> Path:
+    """Write ``data`` as JSON to ``path``."""
+    path = Path(path)
+    path.write_text(json_text(data), encoding="utf-8")
+    return path
+
+
 def write_json(result: TraceResult, path: str | Path) -> Path:
     """Write the trace's JSON to ``path``."""
-    path = Path(path)
-    path.write_text(json.dumps(trace_to_json(result), indent=1, ensure_ascii=False), encoding="utf-8")
-    return path
+    return write_data(trace_to_json(result), path)
 
 
 def trace_to_csv(result: TraceResult) -> str:

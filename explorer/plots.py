@@ -113,3 +113,74 @@ def metrics_markdown(metrics: dict, warnings: list[str]) -> str:
         lines.append(f"| {side} | " + " | ".join(cell(metrics[side][n]) for n in names) + " |")
     lines += [f"\n**Warning:** {safe_label(w)}" for w in warnings]
     return "\n".join(lines)
+
+
+def probability_bars(rows: list[list]) -> go.Figure:
+    """P(target_new) and P(target_true) before vs after the edit, one group of bars per prompt.
+
+    ``rows`` are the edit panel's table rows: role, prompt, P(new) before, P(new) after, P(true) before, P(true) after.
+    """
+    labels = [f"{i + 1}. {row[0]}" for i, row in enumerate(rows)]
+    hovers = [safe_label(row[1]) for row in rows]
+    series = (("P(new) before", 2, "#a1d99b"), ("P(new) after", 3, "#238b45"), ("P(true) before", 4, "#fc9272"), ("P(true) after", 5, "#cb181d"))
+    figure = go.Figure(
+        [go.Bar(name=name, x=labels, y=[row[column] for row in rows], marker_color=colour, customdata=hovers,
+                hovertemplate="%{customdata}<br>" + name + " = %{y:.4f}<extra></extra>")
+         for name, column, colour in series]
+    )
+    figure.update_layout(barmode="group", yaxis={"title": {"text": "probability"}, "range": [0, 1]},
+                         margin={"l": 10, "r": 10, "t": 30, "b": 40}, height=320, legend={"orientation": "h"})
+    return figure
+
+
+def _band(figure: go.Figure, x: list[int], summary: dict, name: str, colour: str, row: int | None = None) -> None:
+    """A mean line with its 95% confidence band (shaded) from a ``mean_ci`` summary."""
+    mean, half = np.asarray(summary["mean"], dtype=float), np.asarray(summary["ci95"], dtype=float)
+    where = {} if row is None else {"row": row, "col": 1}
+    figure.add_trace(go.Scatter(x=x + x[::-1], y=list(mean + half) + list((mean - half)[::-1]), fill="toself",
+                                fillcolor=colour, opacity=0.2, line={"width": 0}, hoverinfo="skip", showlegend=False,
+                                legendgroup=name), **where)
+    figure.add_trace(go.Scatter(x=x, y=list(mean), name=f"{name} (n={summary['count']})", line={"color": colour},
+                                legendgroup=name, showlegend=row in (None, 1)), **where)
+
+
+CATEGORY_COLOURS = {
+    "first_subject_token": "#9ecae1", "middle_subject_tokens": "#4292c6", "last_subject_token": "#d62728",
+    "first_subsequent_token": "#74c476", "further_tokens": "#969696", "last_token": "#6a51a3",
+}
+SEVERED_COLOURS = {"ordinary": "#6a51a3", "mlp_severed": "#238b45", "attn_severed": "#cb181d"}
+
+
+def average_figure(result: dict) -> go.Figure:
+    """The paper's Figure 2: per kind, the mean answer probability per layer for each token category, with 95% bands.
+
+    ``result`` is the ``average`` command's JSON (facts_total, facts_correct, low/high score, kind → category → mean_ci).
+    """
+    from plotly.subplots import make_subplots
+
+    kinds = [kind for kind in KIND_TITLES if kind in result]
+    figure = make_subplots(rows=len(kinds), cols=1, subplot_titles=[f"Average impact of {KIND_TITLES[k]}" for k in kinds],
+                           vertical_spacing=0.12)
+    for row, kind in enumerate(kinds, start=1):
+        for category, summary in result[kind].items():
+            if summary["count"]:
+                _band(figure, list(range(len(summary["mean"]))), summary, category.replace("_", " "), CATEGORY_COLOURS[category], row)
+        figure.add_hline(y=result["low_score"], line={"dash": "dot", "color": "grey"}, row=row, col=1)
+    figure.update_layout(height=300 * max(1, len(kinds)) + 60, margin={"l": 10, "r": 10, "t": 60, "b": 40},
+                         title={"text": f"{result['facts_correct']} of {result['facts_total']} facts known; dotted: mean corrupted p",
+                                "font": {"size": 13}})
+    figure.update_xaxes(title_text="layer")
+    figure.update_yaxes(title_text="p(answer)")
+    return figure
+
+
+def severed_figure(result: dict) -> go.Figure:
+    """The paper's Figure 3 analysis: hidden-state restoration at the last subject token, ordinary vs severed paths."""
+    figure = go.Figure()
+    for key, colour in SEVERED_COLOURS.items():
+        _band(figure, list(range(len(result[key]["mean"]))), result[key], key.replace("_", " "), colour)
+    figure.add_hline(y=result["low_score"], line={"dash": "dot", "color": "grey"})
+    figure.update_layout(height=360, margin={"l": 10, "r": 10, "t": 50, "b": 40}, xaxis={"title": {"text": "layer"}},
+                         yaxis={"title": {"text": "p(answer)"}},
+                         title={"text": f"Last subject token, {result['prompts']} prompts; dotted: mean corrupted p", "font": {"size": 13}})
+    return figure

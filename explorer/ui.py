@@ -2,63 +2,108 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import replace
+from pathlib import Path
 
 import gradio as gr
+import numpy as np
 
-from . import plots
+from . import export, plots
+from .aggregate import average_effects, average_severed, known_prompts
 from .compare import Probes, compare, with_true_target
 from .editing import METHODS, EditOptions, compute_edit, make_request, validate_options
 from .edits import EditSession
 from .evaluate import read_dataset
-from .facts import ASSETS
+from .facts import ASSETS, load_facts
+from .generation import complete
+from .limits import AppLimits
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
 from .prompts import InputError
-from .tracing import KINDS, TraceOptions, trace
+from .tracing import KINDS, TraceCancelled, TraceOptions, TraceResult, trace
 
 SAMPLE_CASES = ASSETS / "counterfact_sample.json"
-EDIT_ERRORS = (InputError, ModelLoadError, FloatingPointError)
+USER_ERRORS = (InputError, ModelLoadError, FloatingPointError, TraceCancelled)
 EDIT_OPTIONS = EditOptions()  # the app's edit settings (the paper's); method and layer come from the page
-
-EXAMPLES = [
-    ["The Eiffel Tower is located in the city of", "The Eiffel Tower"],
-    ["The mother tongue of Vladimir Putin is", "Vladimir Putin"],
-    ["Michael Jordan plays the sport of", "Michael Jordan"],
-]
+LIMITS = AppLimits.from_env()
+MAX_LOADED_MODELS = 2  # the app's own model plus one a user loaded; older ones are dropped (sessions keep theirs)
+TRACE_EXAMPLES = 8  # facts from the bundled set offered as clickable trace examples
 
 _model_lock = threading.Lock()
-_models: dict[str, LoadedModel] = {}
+_models: OrderedDict[str, LoadedModel] = OrderedDict()
 
 
-def shared_model(name: str = DEFAULT_MODEL) -> LoadedModel:
+def shared_model(name: str = DEFAULT_MODEL, progress=None) -> LoadedModel:
     """The one loaded copy of ``name`` that every session shares."""
     with _model_lock:
         if name not in _models:
-            _models[name] = load_model(name)
+            _models[name] = load_model(name, progress=progress)
+            while len(_models) > MAX_LOADED_MODELS:
+                _models.popitem(last=False)
+        _models.move_to_end(name)
         return _models[name]
 
 
-def session_for(state: EditSession | None) -> EditSession:
-    """This browser session's edits over the shared model (created on first use)."""
-    return state if state is not None else EditSession(shared_model())
+class Workspace:
+    """One browser session's state: its model, its edits over that shared model, a cancel flag, its files."""
+
+    def __init__(self, model_name: str = DEFAULT_MODEL):
+        self.model_name = model_name
+        self.cancel = threading.Event()
+        self._session: EditSession | None = None
+        self._files: Path | None = None
+
+    def __deepcopy__(self, memo) -> Workspace:
+        # Gradio deep-copies a State's initial value for each new browser session: start that one empty.
+        return Workspace(self.model_name)
+
+    @property
+    def session(self) -> EditSession:
+        if self._session is None:
+            self._session = EditSession(shared_model(self.model_name))
+        return self._session
+
+    def switch_model(self, name: str, handle: LoadedModel) -> None:
+        """Work on ``handle`` from now on; edits made on the previous model are dropped."""
+        self.model_name, self._session = name, EditSession(handle)
+
+    def files(self) -> Path:
+        """This session's download folder, emptied for each new result."""
+        if self._files is not None:
+            shutil.rmtree(self._files, ignore_errors=True)
+        self._files = Path(tempfile.mkdtemp(prefix="rome-explorer-"))
+        return self._files
 
 
-def run_trace(
-    prompt: str, subject: str, kinds: list[str], samples: float, window: float, noise: float,
-    state: EditSession | None = None, progress=gr.Progress(),
-):
-    """Trace handler, on this session's edited model: heatmaps for the chosen kinds, a caption, the subject used."""
-    try:
-        options = TraceOptions(kinds=tuple(kinds), samples=int(samples), window=int(window), noise=float(noise))
-        session = session_for(state)
-        with session.applied():
-            result = trace(session.handle, prompt, subject or None, options, progress=lambda f, m: progress(f, desc=m))
-    except EDIT_ERRORS as error:
-        raise gr.Error(str(error)) from None
-    figures = [plots.heatmap(result, kind) if kind in result.scores else None for kind in KINDS]
-    caption = plots.caption(result) + (f" (on the model with {len(session.edits)} edit(s) of yours)" if session.edits else "")
-    return (*[gr.update(value=f, visible=f is not None) for f in figures], caption, result.subject, session)
+def user_errors(handler):
+    """Turn the engines' clear errors into Gradio messages; anything else stays a bug to see in the log."""
+
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except TraceCancelled:
+            raise gr.Error("cancelled") from None
+        except USER_ERRORS as error:
+            raise gr.Error(str(error)) from None
+
+    return wrapped
+
+
+def reporter(workspace: Workspace, progress):
+    """A progress callback that also stops the job once this session pressed cancel."""
+    workspace.cancel.clear()
+
+    def report(fraction: float, message: str) -> None:
+        if workspace.cancel.is_set():
+            raise TraceCancelled("cancelled")
+        progress(fraction, desc=message)
+
+    return report
 
 
 def optional_int(value: object, what: str) -> int | None:
@@ -75,35 +120,133 @@ def optional_int(value: object, what: str) -> int | None:
     return int(number)
 
 
-def _lines(text: str | None) -> tuple[str, ...]:
-    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+def required_int(value: object, what: str) -> int:
+    """A whole number from a field that must not be empty."""
+    number = optional_int(value, what)
+    if number is None:
+        raise InputError(f"{what} must be a whole number")
+    return number
 
 
-def run_edit(
-    prompt: str, subject: str, target_new: str, target_true: str, layer: str | None, method: str,
-    paraphrases: str, neighborhood: str, generate: str, state: EditSession | None = None, progress=gr.Progress(),
-):
-    """Edit handler: compute the edit, add it to this session, and show before vs after."""
+def required_float(value: object, what: str) -> float:
+    """A finite number from a field."""
     try:
-        session = session_for(state)
-        handle = session.handle
-        request = make_request(prompt, subject, target_new, target_true or None)
-        options = replace(EDIT_OPTIONS, method=method, layer=optional_int(layer, "layer"))
-        validate_options(handle, options)
-        request = with_true_target(handle, request, session)
-        with session.applied():
-            edit = compute_edit(handle, request, options, progress=lambda f, m: progress(f, desc=m))
-        probes = Probes(_lines(paraphrases), _lines(neighborhood), _lines(generate) or (request.filled,))
-        report = compare(session, edit, probes)
-        session.add(edit)
-    except EDIT_ERRORS as error:
-        raise gr.Error(str(error)) from None
+        number = float(str(value).strip())
+    except ValueError:
+        number = float("nan")
+    if not np.isfinite(number):
+        raise InputError(f"{what} must be a number, got {str(value)!r}")
+    return number
+
+
+def prompt_lines(text: str | None, what: str) -> tuple[str, ...]:
+    """The non-empty lines of a multi-line field, at most ``LIMITS.max_prompts`` of them."""
+    lines = tuple(line.strip() for line in str(text or "").splitlines() if line.strip())
+    if len(lines) > LIMITS.max_prompts:
+        raise InputError(f"{len(lines)} {what} given, over the limit of {LIMITS.max_prompts}; remove some")
+    return lines
+
+
+def check_lengths(handle: LoadedModel, texts: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """``texts`` unchanged, or a clear error when one is longer than ``LIMITS.max_prompt_tokens`` tokens."""
+    for text in texts:
+        length = len(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length > LIMITS.max_prompt_tokens:
+            raise InputError(f"one of the {what} is {length} tokens long, over the limit of {LIMITS.max_prompt_tokens}; shorten it")
+    return texts
+
+
+def trace_options(kinds: list[str] | None, samples: object, window: object, noise: object, target: str | None = None) -> TraceOptions:
+    """Validated trace settings from the page's controls (an empty target: the model's own answer)."""
+    kinds = [str(kind) for kind in (kinds or [])]
+    if not kinds:
+        raise InputError("choose at least one kind to trace (hidden, mlp, attn)")
+    return TraceOptions(kinds=tuple(kinds), samples=required_int(samples, "samples"), window=required_int(window, "window"),
+                        noise=required_float(noise, "noise"), target=str(target) if target and str(target).strip() else None)
+
+
+def _figures(result: TraceResult) -> list:
+    return [gr.update(value=plots.heatmap(result, kind), visible=True) if kind in result.scores else gr.update(value=None, visible=False)
+            for kind in KINDS]
+
+
+def peak_mlp_layer(result: TraceResult) -> int | None:
+    """The layer of the strongest MLP effect at the last subject token: where the paper edits."""
+    if "mlp" not in result.scores:
+        return None
+    return int(np.argmax(np.asarray(result.scores["mlp"])[result.subject_range[1] - 1]))
+
+
+def write_downloads(result: TraceResult, folder: Path) -> list[str]:
+    """The trace as JSON, CSV and ROME's npz (one file per kind), for the download box."""
+    paths = [export.write_json(result, folder / "trace.json")]
+    (folder / "trace.csv").write_text(export.trace_to_csv(result), encoding="utf-8")
+    paths += [folder / "trace.csv", *export.write_npz(result, folder / "trace.npz")]
+    return [str(path) for path in paths]
+
+
+@user_errors
+def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspace, target=None, progress=gr.Progress()):
+    """Trace handler, on this session's edited model: heatmaps, caption, the subject used, downloads, a layer to edit."""
+    options = trace_options(kinds, samples, window, noise, target)
+    report = reporter(workspace, progress)
+    session = workspace.session
+    with session.applied():
+        result = trace(session.handle, prompt, subject or None, options, LIMITS.trace, progress=report, cancel=workspace.cancel.is_set)
+    caption = plots.caption(result) + (f" (on the model with {len(session.edits)} edit(s) of yours)" if session.edits else "")
+    layer = peak_mlp_layer(result)
+    return (*_figures(result), caption, result.subject, write_downloads(result, workspace.files()),
+            gr.update() if layer is None else str(layer), workspace)
+
+
+@user_errors
+def compare_traces(prompt, subject, target_new, kinds, samples, window, noise, workspace: Workspace, progress=gr.Progress()):
+    """The edit prompt traced on the original and on this session's edited model, with the same noise."""
+    session = workspace.session
+    if not session.edits:
+        raise InputError("no active edits: make an edit first, then trace again to compare")
+    options = trace_options(kinds, samples, window, noise)
+    request = make_request(prompt, subject, target_new or " x")
+    report = reporter(workspace, progress)
+    # The answer is fixed to the original model's, so both maps show the probability of the same token.
+    original = trace(session.handle, request.filled, request.subject, options, LIMITS.trace,
+                     progress=lambda f, m: report(f / 2, f"original model: {m}"), cancel=workspace.cancel.is_set)
+    with session.applied():
+        edited = trace(session.handle, request.filled, request.subject, replace(options, target=original.answer), LIMITS.trace,
+                       progress=lambda f, m: report(0.5 + f / 2, f"edited model: {m}"), cancel=workspace.cancel.is_set)
+    caption = f"original: {plots.caption(original)}\nedited: {plots.caption(edited)}"
+    return (*_figures(original), *_figures(edited), caption)
+
+
+@user_errors
+def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrases, neighborhood, generate,
+             workspace: Workspace, progress=gr.Progress()):
+    """Edit handler: compute the edit, add it to this session, and show before vs after."""
+    session = workspace.session
+    if len(session.edits) >= LIMITS.max_edits:
+        raise InputError(f"{len(session.edits)} edits are active, the limit; undo one first")
+    handle = session.handle
+    request = make_request(prompt, subject, target_new, target_true or None)
+    options = replace(EDIT_OPTIONS, method=str(method), layer=optional_int(layer, "layer"))
+    validate_options(handle, options)
+    check_lengths(handle, (request.filled, request.target_new, request.target_true or ""), "edit prompt and targets")
+    probes = Probes(check_lengths(handle, prompt_lines(paraphrases, "paraphrases"), "paraphrases"),
+                    check_lengths(handle, prompt_lines(neighborhood, "neighbourhood prompts"), "neighbourhood prompts"),
+                    check_lengths(handle, prompt_lines(generate, "prompts to complete"), "prompts to complete") or (request.filled,))
+    report = reporter(workspace, progress)
+    request = with_true_target(handle, request, session)
+    with session.applied():
+        edit = compute_edit(handle, request, options, progress=report)
+    result = compare(session, edit, probes)
+    session.add(edit)
+    rows = comparison_rows(request, probes, result)
     return (
-        comparison_rows(request, probes, report),
-        plots.generations_html(report, request.target_new, request.target_true),
-        plots.metrics_markdown(report["metrics"], report["warnings"]),
+        rows,
+        plots.probability_bars(rows),
+        plots.generations_html(result, request.target_new, request.target_true),
+        plots.metrics_markdown(result["metrics"], result["warnings"]),
         active_rows(session),
-        session,
+        workspace,
     )
 
 
@@ -129,22 +272,102 @@ def active_rows(session: EditSession) -> list[list]:
              round(e["delta_norm"], 3)] for i, e in enumerate(session.active())]
 
 
-def undo_edit(number: str | None, state: EditSession | None = None):
+@user_errors
+def undo_edit(number, workspace: Workspace):
     """Undo one edit (by its number in the list; the last when empty)."""
-    session = session_for(state)
-    try:
-        chosen = optional_int(number, "edit number")
-        session.undo(-1 if chosen is None else chosen - 1)
-    except InputError as error:
-        raise gr.Error(str(error)) from None
-    return active_rows(session), session
+    session = workspace.session
+    chosen = optional_int(number, "edit number")
+    session.undo(-1 if chosen is None else chosen - 1)
+    return active_rows(session), workspace
 
 
-def reset_edits(state: EditSession | None = None):
+@user_errors
+def reset_edits(workspace: Workspace):
     """Remove every edit of this session."""
-    session = session_for(state)
+    session = workspace.session
     session.clear()
-    return active_rows(session), session
+    return active_rows(session), workspace
+
+
+@user_errors
+def complete_prompts(text, workspace: Workspace):
+    """Greedy completions of each line on this session's model (with its edits), as an HTML table."""
+    session = workspace.session
+    prompts = check_lengths(session.handle, prompt_lines(text, "prompts"), "prompts")
+    if not prompts:
+        raise InputError("type at least one prompt to complete")
+    with session.applied():
+        texts = complete(session.handle, prompts, min(30, LIMITS.max_new_tokens))
+    rows = "".join(f"<tr><td class='prompt'>{plots.safe_label(p)}</td><td class='completion'>{plots.safe_label(t)}</td></tr>"
+                   for p, t in zip(prompts, texts))
+    return f"<table class='completions'><tr><th>prompt</th><th>completion ({len(session.edits)} edit(s) active)</th></tr>{rows}</table>"
+
+
+def fact_set(upload: str | None, limit: object) -> list:
+    """The uploaded fact set (``known_1000.json`` format) or the bundled one, cut to ``limit`` facts."""
+    count = required_int(limit, "number of facts")
+    if not 1 <= count <= LIMITS.max_facts:
+        raise InputError(f"number of facts must be between 1 and {LIMITS.max_facts}, got {count}")
+    if upload:
+        size = Path(upload).stat().st_size
+        if size > LIMITS.max_upload_bytes:
+            raise InputError(f"the fact set is {size} bytes, over the limit of {LIMITS.max_upload_bytes}")
+        return load_facts(upload, count)
+    return load_facts(None, count)
+
+
+@user_errors
+def run_average(upload, limit, kinds, samples, workspace: Workspace, progress=gr.Progress()):
+    """The paper's Figure 2 on this session's model: average effect per layer for each token category."""
+    options = trace_options(kinds, samples, 10, 3)
+    facts = fact_set(upload, limit)
+    session = workspace.session
+    with session.applied():
+        result = average_effects(session.handle, facts, options, LIMITS.trace, progress=reporter(workspace, progress),
+                                 cancel=workspace.cancel.is_set).to_json()
+    if not result["facts_correct"]:
+        raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to average")
+    path = workspace.files() / "average.json"
+    export.write_data(result, path)
+    summary = f"{result['facts_correct']} of {result['facts_total']} facts completed correctly and traced."
+    return plots.average_figure(result), summary, str(path)
+
+
+@user_errors
+def run_severed(upload, limit, samples, workspace: Workspace, progress=gr.Progress()):
+    """Severed paths at the last subject token, averaged over the known facts of the set."""
+    options = trace_options(["hidden"], samples, 10, 3)
+    facts = fact_set(upload, limit)
+    session = workspace.session
+    report = reporter(workspace, progress)
+    with session.applied():
+        prompts = known_prompts(session.handle, facts)
+        if not prompts:
+            raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to sever")
+        result = average_severed(session.handle, prompts, options, LIMITS.trace, progress=report, cancel=workspace.cancel.is_set)
+    path = workspace.files() / "severed.json"
+    export.write_data(result, path)
+    return plots.severed_figure(result), f"{len(prompts)} of {len(facts)} facts completed correctly and severed.", str(path)
+
+
+def cancel_job(workspace: Workspace) -> None:
+    """Ask this session's running job to stop at its next progress step."""
+    workspace.cancel.set()
+
+
+def model_summary(handle: LoadedModel) -> str:
+    parameters = sum(p.numel() for p in handle.model.parameters())
+    return (f"**{plots.safe_label(handle.name)}**: {handle.arch.model_type}, {handle.num_layers} layers, "
+            f"{parameters / 1e6:.0f}M parameters")
+
+
+@user_errors
+def load_session_model(name, workspace: Workspace, progress=gr.Progress()):
+    """Switch this session to another model (a hub name or a local folder); its edits on the old model are dropped."""
+    name = str(name or "").strip() or DEFAULT_MODEL
+    handle = shared_model(name, progress=lambda f, m: progress(f, desc=m))
+    workspace.switch_model(name, handle)
+    return model_summary(handle), active_rows(workspace.session), workspace
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,59 +388,147 @@ def fill_from_case(label: str):
     return r.prompt, r.subject, r.target_new, r.target_true, "\n".join(case.paraphrases), "\n".join(case.neighborhood), "\n".join(case.generation)
 
 
-def build_app() -> gr.Blocks:
-    """The page: a trace panel and an edit panel over one shared model, edits kept per browser session."""
+def trace_examples() -> list[list[str]]:
+    """Clickable (prompt, subject) pairs from the bundled fact set, spread over its relations."""
+    facts = load_facts()
+    step = max(1, len(facts) // TRACE_EXAMPLES)
+    return [[fact.prompt, fact.subject] for fact in facts[::step][:TRACE_EXAMPLES]]
+
+
+def _heatmap_row(label: str, elem_id: str) -> list:
+    with gr.Row(elem_id=elem_id):
+        return [gr.Plot(label=f"{label}{kind}", visible=False) for kind in KINDS]
+
+
+def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
+    """The page: model, trace, edit and average panels over one shared model, edits kept per browser session."""
     with gr.Blocks(title="ROME Explorer") as demo:
-        state = gr.State(None)
+        workspace = gr.State(Workspace(model_name))
         gr.Markdown("# ROME Explorer\nLocate factual associations with causal tracing and rewrite them with ROME (Meng et al.).")
-        with gr.Tab("Trace"):
+        with gr.Accordion("Model", open=False):
             with gr.Row():
-                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0][0])
-                subject = gr.Textbox(label="Subject (guessed when empty)", value=EXAMPLES[0][1])
-            with gr.Row():
-                kinds = gr.CheckboxGroup(list(KINDS), value=list(KINDS), label="Kinds")
-                samples = gr.Slider(1, 50, value=10, step=1, label="Samples")
-                window = gr.Slider(1, 30, value=10, step=1, label="Window")
-                noise = gr.Slider(0.5, 10, value=3, step=0.5, label="Noise (x sigma)")
-            button = gr.Button("Trace", variant="primary")
-            caption = gr.Textbox(label="Result", interactive=False)
-            plots_out = [gr.Plot(label=kind) for kind in KINDS]
-            gr.Examples(EXAMPLES, [prompt, subject])
-            button.click(
-                run_trace, [prompt, subject, kinds, samples, window, noise, state], [*plots_out, caption, subject, state],
-                api_name="trace",
-            )
-        with gr.Tab("Edit"):
-            case = gr.Dropdown(sample_case_labels(), label="Example from the bundled CounterFact sample", value=None)
-            with gr.Row():
-                edit_prompt = gr.Textbox(label="Prompt ({} for the subject, or the subject written out)", value="{} is located in the city of")
-                edit_subject = gr.Textbox(label="Subject", value="The Eiffel Tower")
-                target_new = gr.Textbox(label="New target", value=" Rome")
-                target_true = gr.Textbox(label="True target (empty: the model's answer)", value="")
-            with gr.Row():
-                # A text field: Gradio's Number shows an empty value as 0, which is a real layer.
-                layer = gr.Textbox(label="Layer (empty: the model's default)", value="")
-                method = gr.Dropdown(list(METHODS), value="rome", label="Method")
-            with gr.Row():
-                paraphrases = gr.Textbox(label="Paraphrases (one per line)", lines=3)
-                neighborhood = gr.Textbox(label="Neighbourhood prompts (one per line)", lines=3, value="The Louvre is located in the city of")
-                generate = gr.Textbox(label="Prompts to complete (one per line)", lines=3, value="The Eiffel Tower is located in")
-            edit_button = gr.Button("Edit", variant="primary")
-            table = gr.Dataframe(headers=COMPARISON_HEADERS, label="Before vs after", interactive=False)
-            generations = gr.HTML(label="Completions: original | edited")
-            metrics = gr.Markdown()
-            edits = gr.Dataframe(headers=EDIT_LIST_HEADERS, label="Your active edits", interactive=False)
-            with gr.Row():
-                undo_number = gr.Textbox(label="Edit # to undo (empty: last)", value="")
-                undo_button = gr.Button("Undo")
-                reset_button = gr.Button("Reset all")
-            case.change(fill_from_case, [case], [edit_prompt, edit_subject, target_new, target_true, paraphrases, neighborhood, generate])
-            edit_button.click(
-                run_edit,
-                [edit_prompt, edit_subject, target_new, target_true, layer, method, paraphrases, neighborhood, generate, state],
-                [table, generations, metrics, edits, state],
-                api_name="edit",
-            )
-            undo_button.click(undo_edit, [undo_number, state], [edits, state], api_name="undo")
-            reset_button.click(reset_edits, [state], [edits, state], api_name="reset")
+                model_field = gr.Textbox(label="Model: 'default' (embedded Gemma 3 270M), a Hugging Face name or a local folder",
+                                         value=model_name, scale=4)
+                load_button = gr.Button("Load", scale=1)
+            model_status = gr.Markdown(f"Model: **{plots.safe_label(model_name)}** (loaded on first use)")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Trace", id="trace"):
+                with gr.Row():
+                    prompt = gr.Textbox(label="Prompt", value=trace_examples()[0][0], elem_id="trace-prompt")
+                    subject = gr.Textbox(label="Subject (guessed when empty)", value=trace_examples()[0][1], elem_id="trace-subject")
+                    target = gr.Textbox(label="Target (empty: the model's own answer)", value="")
+                with gr.Row():
+                    kinds = gr.CheckboxGroup(list(KINDS), value=list(KINDS), label="Kinds")
+                    samples = gr.Slider(1, LIMITS.max_samples, value=10, step=1, label="Samples", elem_id="trace-samples")
+                    window = gr.Slider(1, min(30, LIMITS.max_window), value=10, step=1, label="Window")
+                    noise = gr.Slider(0.5, 10, value=3, step=0.5, label="Noise (x sigma)")
+                with gr.Row():
+                    button = gr.Button("Trace", variant="primary", elem_id="trace-button")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="trace-cancel")
+                caption = gr.Textbox(label="Result", interactive=False, elem_id="trace-caption")
+                plots_out = _heatmap_row("", "trace-plots")
+                with gr.Row():
+                    downloads = gr.File(label="Downloads (JSON, CSV, ROME npz)", file_count="multiple", interactive=False)
+                    with gr.Column():
+                        trace_layer = gr.Textbox(label="Layer to edit (filled with the peak MLP effect at the last subject token)")
+                        to_edit = gr.Button("Edit at this layer")
+                gr.Examples(trace_examples(), [prompt, subject], label="Facts from the bundled set")
+            with gr.Tab("Edit", id="edit"):
+                case = gr.Dropdown(sample_case_labels(), label="Example from the bundled CounterFact sample", value=None)
+                with gr.Row():
+                    edit_prompt = gr.Textbox(label="Prompt ({} for the subject, or the subject written out)", value="{} is located in the city of", elem_id="edit-prompt")
+                    edit_subject = gr.Textbox(label="Subject", value="The Eiffel Tower", elem_id="edit-subject")
+                    target_new = gr.Textbox(label="New target", value=" Rome", elem_id="edit-target-new")
+                    target_true = gr.Textbox(label="True target (empty: the model's answer)", value="")
+                with gr.Row():
+                    # A text field: Gradio's Number shows an empty value as 0, which is a real layer.
+                    layer = gr.Textbox(label="Layer (empty: the model's default)", value="", elem_id="edit-layer")
+                    method = gr.Dropdown(list(METHODS), value="rome", label="Method")
+                with gr.Row():
+                    paraphrases = gr.Textbox(label="Paraphrases (one per line)", lines=3)
+                    neighborhood = gr.Textbox(label="Neighbourhood prompts (one per line)", lines=3, value="The Louvre is located in the city of")
+                    generate = gr.Textbox(label="Prompts to complete (one per line)", lines=3, value="The Eiffel Tower is located in")
+                with gr.Row():
+                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
+                    edit_cancel = gr.Button("Cancel", variant="stop", elem_id="trace-cancel")
+                generations = gr.HTML(label="Completions: original | edited", elem_id="edit-generations")
+                bars = gr.Plot(label="P(new) and P(true) before vs after", elem_id="edit-bars")
+                table = gr.Dataframe(headers=COMPARISON_HEADERS, label="Before vs after", interactive=False)
+                metrics = gr.Markdown(elem_id="edit-metrics")
+                edits = gr.Dataframe(headers=EDIT_LIST_HEADERS, label="Your active edits", interactive=False, elem_id="edit-list")
+                with gr.Row():
+                    undo_number = gr.Textbox(label="Edit # to undo (empty: last)", value="")
+                    undo_button = gr.Button("Undo", elem_id="undo-button")
+                    reset_button = gr.Button("Reset all", elem_id="reset-button")
+                with gr.Accordion("Trace again: original vs edited", open=False):
+                    compare_kinds = gr.CheckboxGroup(list(KINDS), value=["mlp"], label="Kinds")
+                    compare_button = gr.Button("Trace original and edited")
+                    compare_caption = gr.Textbox(label="Result", interactive=False, lines=2)
+                    with gr.Row():
+                        with gr.Column():
+                            gr.Markdown("**Original model**")
+                            original_plots = [gr.Plot(label=f"original {kind}", visible=False) for kind in KINDS]
+                        with gr.Column():
+                            gr.Markdown("**Edited model**")
+                            edited_plots = [gr.Plot(label=f"edited {kind}", visible=False) for kind in KINDS]
+                with gr.Accordion("Try your edited model", open=False):
+                    free_prompts = gr.Textbox(label="Prompts (one per line)", lines=3, value="The Eiffel Tower is located in")
+                    complete_button = gr.Button("Complete")
+                    completions = gr.HTML()
+            with gr.Tab("Average effects", id="average"):
+                gr.Markdown("The paper's Figure 2 and its severed-path analysis over a fact set. On the embedded model on 2 CPU "
+                            "cores one fact takes about 40 s per kind with 10 samples.")
+                with gr.Row():
+                    upload = gr.File(label="Fact set (known_1000.json format; empty: the bundled set)", file_types=[".json"], type="filepath")
+                    with gr.Column():
+                        limit = gr.Slider(1, LIMITS.max_facts, value=5, step=1, label="Facts")
+                        average_kinds = gr.CheckboxGroup(list(KINDS), value=["mlp"], label="Kinds")
+                        average_samples = gr.Slider(1, LIMITS.max_samples, value=10, step=1, label="Samples", elem_id="trace-samples")
+                with gr.Row():
+                    average_button = gr.Button("Average effects", variant="primary")
+                    severed_button = gr.Button("Severed paths")
+                    average_cancel = gr.Button("Cancel", variant="stop", elem_id="trace-cancel")
+                average_summary = gr.Markdown()
+                average_plot = gr.Plot(label="Average effects")
+                average_file = gr.File(label="Download (JSON)", interactive=False)
+
+        load_button.click(load_session_model, [model_field, workspace], [model_status, edits, workspace], api_name="load_model")
+        trace_event = button.click(
+            run_trace, [prompt, subject, kinds, samples, window, noise, workspace, target],
+            [*plots_out, caption, subject, downloads, trace_layer, workspace], api_name="trace",
+        )
+        to_edit.click(lambda value: (value, gr.Tabs(selected="edit")), [trace_layer], [layer, tabs], api_name=False)
+        case.change(fill_from_case, [case], [edit_prompt, edit_subject, target_new, target_true, paraphrases, neighborhood, generate],
+                    api_name=False)
+        edit_event = edit_button.click(
+            run_edit,
+            [edit_prompt, edit_subject, target_new, target_true, layer, method, paraphrases, neighborhood, generate, workspace],
+            [table, bars, generations, metrics, edits, workspace], api_name="edit",
+        )
+        undo_button.click(undo_edit, [undo_number, workspace], [edits, workspace], api_name="undo")
+        reset_button.click(reset_edits, [workspace], [edits, workspace], api_name="reset")
+        compare_event = compare_button.click(
+            compare_traces, [edit_prompt, edit_subject, target_new, compare_kinds, samples, window, noise, workspace],
+            [*original_plots, *edited_plots, compare_caption], api_name="compare",
+        )
+        complete_button.click(complete_prompts, [free_prompts, workspace], [completions], api_name="complete")
+        average_event = average_button.click(
+            run_average, [upload, limit, average_kinds, average_samples, workspace], [average_plot, average_summary, average_file],
+            api_name="average",
+        )
+        severed_event = severed_button.click(
+            run_severed, [upload, limit, average_samples, workspace], [average_plot, average_summary, average_file], api_name="severed",
+        )
+        jobs = [trace_event, edit_event, compare_event, average_event, severed_event]
+        for stop in (cancel, edit_cancel, average_cancel):
+            # Its own concurrency group, so a cancel is never queued behind the job it cancels.
+            stop.click(cancel_job, [workspace], None, cancels=jobs, concurrency_limit=None, api_name=False)
     return demo
+
+
+def launch(model_name: str | None = None) -> None:
+    """Start the app: ``ROME_EXPLORER_MODEL`` (or ``model_name``) on 127.0.0.1 unless GRADIO_SERVER_NAME says otherwise."""
+    demo = build_app(model_name or os.environ.get("ROME_EXPLORER_MODEL", DEFAULT_MODEL))
+    # One job at a time on the shared model; past ``queue_size`` waiting requests Gradio answers "queue is full".
+    demo.queue(default_concurrency_limit=1, max_size=LIMITS.queue_size)
+    demo.launch()

@@ -1,6 +1,10 @@
 """The app's handlers as plain functions on a tiny model: edits stay in their session, undo is exact."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -13,53 +17,161 @@ from explorer.stats import StatsSpec
 @pytest.fixture()
 def tiny_app(monkeypatch):
     handle = build_tiny("llama")
-    monkeypatch.setattr(ui, "shared_model", lambda name=ui.DEFAULT_MODEL: handle)
+    monkeypatch.setattr(ui, "shared_model", lambda name=ui.DEFAULT_MODEL, progress=None: handle)
     fast = EditOptions(steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
     monkeypatch.setattr(ui, "EDIT_OPTIONS", fast)
     return handle
 
 
-def _edit(state, layer=1):
+QUIET = {"progress": lambda *a, **k: None}
+
+
+def _edit(workspace, layer=1):
     return ui.run_edit("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris", str(layer), "rome",
                        "The Eiffel Tower is in the city of", "The Louvre is located in the city of",
-                       "The Eiffel Tower is", state, progress=lambda *a, **k: None)
+                       "The Eiffel Tower is", workspace, **QUIET)
+
+
+def _scores(trace_output) -> dict:
+    """The traced scores, read back from the JSON download the handler wrote."""
+    import json
+
+    paths = trace_output[5]
+    return json.loads(open(next(p for p in paths if p.endswith(".json")), encoding="utf-8").read())["traces"]
 
 
 def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
-    rows, html, metrics, edits, session = _edit(None)
+    mine, other = ui.Workspace(), ui.Workspace()
+    rows, bars, html, metrics, edits, mine = _edit(mine)
     assert [r[0] for r in rows] == ["edit", "paraphrase", "neighbour"]
     assert rows[0][3] != rows[0][2]  # P(new) changed
+    assert [bar.name for bar in bars.data] == ["P(new) before", "P(new) after", "P(true) before", "P(true) after"]
+    assert list(bars.data[1].y) == [r[3] for r in rows]
     assert "original model" in html and "edited model" in html
     assert "| before |" in metrics and "ES" in metrics and "NS" in metrics
     assert len(edits) == 1 and edits[0][1] == "The Eiffel Tower"
     assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight), "the shared model must stay unedited between requests"
-    trace_args = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden"], 2, 2, 3)
-    edited = ui.run_trace(*trace_args, session, progress=lambda *a, **k: None)
-    other = ui.run_trace(*trace_args, None, progress=lambda *a, **k: None)
-    assert "edit(s) of yours" in edited[3] and "edit(s)" not in other[3]
-    assert edited[3] != other[3]
-    edits, session = ui.undo_edit("", session)  # an empty field: the last edit
+    trace_args = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden", "mlp"], 2, 2, 3)
+    edited = ui.run_trace(*trace_args, mine, **QUIET)
+    unedited = ui.run_trace(*trace_args, other, **QUIET)
+    assert "edit(s) of yours" in edited[3] and "edit(s)" not in unedited[3]
+    assert _scores(edited) != _scores(unedited)
+    assert sorted(Path(p).suffix for p in edited[5]) == [".csv", ".json", ".npz", ".npz"]
+    assert edited[6] == str(ui.peak_mlp_layer(ui.export.trace_from_json(json.loads(Path(edited[5][0]).read_text()))))
+    # original vs edited on the same noise: the original side equals the other session's unedited trace
+    compared = ui.compare_traces("{} is located in the city of", "The Eiffel Tower", " Rome", ["hidden"], 2, 2, 3, mine, **QUIET)
+    original_z, edited_z, unedited_z = (np.asarray(figure["value"].data[0].z) for figure in (compared[0], compared[3], unedited[0]))
+    assert np.allclose(original_z, unedited_z, atol=1e-6) and not np.allclose(edited_z, original_z, atol=1e-6)
+    assert compared[1]["visible"] is False and compared[4]["visible"] is False  # mlp was not asked for
+    assert "1 edit(s) active" in ui.complete_prompts("The Eiffel Tower is", mine)
+    edits, mine = ui.undo_edit("", mine)  # an empty field: the last edit
     assert edits == []
-    again = ui.run_trace(*trace_args, session, progress=lambda *a, **k: None)
-    assert again[3] == other[3]  # after undo, the same trace as the unedited model
+    again = ui.run_trace(*trace_args, mine, **QUIET)
+    assert _scores(again) == _scores(unedited)  # after undo, the same trace as the unedited model
     with pytest.raises(Exception, match="no edit to undo"):
-        ui.undo_edit(None, session)
+        ui.undo_edit(None, mine)
+    with pytest.raises(Exception, match="no active edits"):
+        ui.compare_traces("{} is in", "The Eiffel Tower", " Rome", ["hidden"], 2, 2, 3, mine, **QUIET)
 
 
-def test_bad_edit_input_is_a_gradio_error_and_changes_nothing(tiny_app):
+def test_bad_edit_input_is_a_gradio_error_and_changes_nothing(tiny_app, monkeypatch):
     import gradio as gr
 
     weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
-    with pytest.raises(gr.Error, match="does not occur"):
-        ui.run_edit("Paris is nice", "Rome", " x", "", 1, "rome", "", "", "", None, progress=lambda *a, **k: None)
-    with pytest.raises(gr.Error, match="out of range"):
-        ui.run_edit("{} is in", "Paris", " Rome", "", "99", "rome", "", "", "", None, progress=lambda *a, **k: None)
-    with pytest.raises(gr.Error, match="layer must be a whole number"):
-        ui.run_edit("{} is in", "Paris", " Rome", "", "two", "rome", "", "", "", None, progress=lambda *a, **k: None)
+    workspace = ui.Workspace()
+    bad_edits = [
+        (("Paris is nice", "Rome", " x", "", 1, "rome", "", "", ""), "does not occur"),
+        (("{} is in", "Paris", " Rome", "", "99", "rome", "", "", ""), "out of range"),
+        (("{} is in", "Paris", " Rome", "", "two", "rome", "", "", ""), "layer must be a whole number"),
+        (("{} is in", "Paris", " Rome", "", "", "rome", "a\n" * 21, "", ""), "21 paraphrases given, over the limit of 20"),
+        (("{} is in", "Paris", " Rome", "", "", "rome", "", "word " * 200, ""), "over the limit of 64"),
+        (("{} is in", "Paris", " Rome", "", "", "magic", "", "", ""), "method"),
+    ]
+    for args, message in bad_edits:
+        with pytest.raises(gr.Error, match=message):
+            ui.run_edit(*args, workspace, **QUIET)
     with pytest.raises(gr.Error, match="edit number must be a whole number"):
-        ui.undo_edit("1.5", None)
+        ui.undo_edit("1.5", workspace)
+    bad_traces = [
+        ((["hidden"], "0", 2, 3), "samples"),
+        ((["hidden"], "1e6", 2, 3), "samples"),
+        ((["mlp"], 2, "0", 3), "window"),
+        ((["hidden"], 2, 2, "-1"), "noise"),
+        ((["hidden"], "x", 2, 3), "samples must be a whole number"),
+        (([], 2, 2, 3), "at least one kind"),
+        ((["nonsense"], 2, 2, 3), "kind"),
+    ]
+    for (kinds, samples, window, noise), message in bad_traces:
+        with pytest.raises(gr.Error, match=message):
+            ui.run_trace("The Eiffel Tower is in", "The Eiffel Tower", kinds, samples, window, noise, workspace, **QUIET)
+    monkeypatch.setattr(ui, "LIMITS", ui.AppLimits(max_edits=1))
+    _edit(workspace)
+    with pytest.raises(gr.Error, match="1 edits are active, the limit"):
+        _edit(workspace)
     assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight)
+
+
+def test_cancel_stops_the_job_and_leaves_the_model_unedited(tiny_app):
+    import gradio as gr
+
+    workspace = ui.Workspace()
+    _edit(workspace)
+    weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
+
+    def press_cancel(*args, **kwargs):  # the user presses cancel while the first progress step is reported
+        ui.cancel_job(workspace)
+
+    with pytest.raises(gr.Error, match="cancelled"):
+        ui.run_trace("The Eiffel Tower is in", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, progress=press_cancel)
+    with pytest.raises(gr.Error, match="cancelled"):
+        _edit_with_progress(workspace, press_cancel)
+    assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight)
+    assert len(workspace.session.edits) == 1
+    ui.run_trace("The Eiffel Tower is in", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, **QUIET)  # the flag is cleared
+
+
+def _edit_with_progress(workspace, progress):
+    return ui.run_edit("{} is located in", "The Eiffel Tower", " Rome", " Paris", "1", "rome", "", "", "", workspace, progress=progress)
+
+
+def test_average_and_severed_panels_draw_the_figures(tiny_app, tmp_path):
+    import gradio as gr
+
+    workspace = ui.Workspace()
+    facts = [{"known_id": i, "subject": s, "attribute": "x", "template": "{} is in", "prediction": "x",
+              "prompt": f"{s} is in", "relation_id": "P1"} for i, s in enumerate(["The Eiffel Tower", "The Louvre"])]
+    upload = tmp_path / "facts.json"
+    upload.write_text(json.dumps(facts))
+    # Take the tiny model's own greedy answers as the facts' attributes, so that both are "known".
+    from explorer.aggregate import top_prediction
+
+    for fact in facts:
+        fact["attribute"] = tiny_app.tokenizer.decode([top_prediction(tiny_app, fact["prompt"])]).strip()
+    upload.write_text(json.dumps(facts))
+    figure, summary, path = ui.run_average(str(upload), 2, ["hidden", "mlp"], 2, workspace, **QUIET)
+    saved = json.loads(Path(path).read_text())
+    assert saved["facts_total"] == 2 and "2 of 2" in summary
+    assert {t.name.split(" (n=")[0] for t in figure.data if t.name} >= {"last subject token", "last token"}
+    figure, summary, path = ui.run_severed(str(upload), 2, 2, workspace, **QUIET)
+    assert {t.name.split(" (n=")[0] for t in figure.data if t.name} == {"ordinary", "mlp severed", "attn severed"}
+    (tmp_path / "bad.json").write_text("[1, 2")
+    with pytest.raises(gr.Error, match="not valid UTF-8 JSON"):
+        ui.run_average(str(tmp_path / "bad.json"), 2, ["hidden"], 2, workspace, **QUIET)
+    with pytest.raises(gr.Error, match="between 1 and 100"):
+        ui.run_average(None, 1000, ["hidden"], 2, workspace, **QUIET)
+
+
+def test_limits_come_from_the_environment():
+    from explorer.limits import AppLimits, documented_defaults
+
+    assert AppLimits.from_env({"ROME_EXPLORER_MAX_SAMPLES": "7", "ROME_EXPLORER_QUEUE": "3"}) == AppLimits(max_samples=7, queue_size=3)
+    assert AppLimits.from_env({}).trace.max_samples == 50
+    with pytest.raises(ValueError, match="ROME_EXPLORER_MAX_FACTS must be a whole number"):
+        AppLimits.from_env({"ROME_EXPLORER_MAX_FACTS": "-3"})
+    documented = (Path(__file__).resolve().parent.parent / "SECURITY.md").read_text()
+    for variable, default in documented_defaults().items():
+        assert f"`{variable}` | {default:_}".replace("_", ",") in documented or f"`{variable}` | {default}" in documented
 
 
 def test_example_cases_fill_the_edit_fields():
