@@ -17,6 +17,7 @@ edited one up.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from . import hooks
 from .edits import Edit, EditRequest
 from .generation import Sampling, added_token_ids, generate_ids, pad_token, positions_from_mask, start_token
 from .models import LoadedModel, cache_root, model_fingerprint
-from .prompts import InputError, clean_text, tokenize_at
+from .prompts import InputError, clean_text, quoted, tokenize_at
 from .scoring import target_ids
 from .stats import SecondMoment, StatsSpec, second_moment, solve
 
@@ -85,7 +86,7 @@ def make_request(prompt: str, subject: str, target_new: str, target_true: str | 
         target_true = clean_text(target_true, "target_true")
     if "{}" not in prompt:
         if subject not in prompt:
-            raise InputError(f"the prompt has no {{}} and the subject {subject!r} does not occur in it; write {{}} where the subject goes")
+            raise InputError(f"the prompt has no {{}} and the subject {quoted(subject)} does not occur in it; write {{}} where the subject goes")
         prompt = prompt.replace(subject, "{}", 1)
     if prompt.count("{}") != 1:
         raise InputError("the prompt must contain {} exactly once, where the subject goes")
@@ -96,16 +97,41 @@ def make_request(prompt: str, subject: str, target_new: str, target_true: str | 
     return EditRequest(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_options(handle: LoadedModel, options: EditOptions) -> None:
     """Raise :class:`InputError` for options the engine cannot run, before touching the model."""
     if options.method not in METHODS:
-        raise InputError(f"unknown method {options.method!r}: use one of {', '.join(METHODS)}")
-    if options.layer is not None and not 0 <= options.layer < handle.num_layers:
-        raise InputError(f"layer {options.layer} is out of range; this model has layers 0 to {handle.num_layers - 1}")
-    if not 1 <= options.steps <= 200 or not 1 <= options.ft_steps <= 500:
+        raise InputError(f"unknown method {quoted(str(options.method))}: use one of {', '.join(METHODS)}")
+    if options.layer is not None and not (_is_int(options.layer) and 0 <= options.layer < handle.num_layers):
+        shown = options.layer if _is_int(options.layer) else quoted(str(options.layer))
+        raise InputError(f"layer {shown} is out of range; this model has layers 0 to {handle.num_layers - 1}")
+    if not (_is_int(options.steps) and _is_int(options.ft_steps) and 1 <= options.steps <= 200 and 1 <= options.ft_steps <= 500):
         raise InputError("steps must be between 1 and 200 (ft: 500)")
-    if options.shrinkage < 0:
-        raise InputError("shrinkage must be 0 or more")
+    if not (_is_number(options.shrinkage) and options.shrinkage >= 0):
+        raise InputError("shrinkage must be a number, 0 or more")
+    numbers = {"lr": options.lr, "ft_lr": options.ft_lr, "ft_norm": options.ft_norm, "clamp_factor": options.clamp_factor}
+    numbers.update({"loss_stop": options.loss_stop, "kl_factor": options.kl_factor})
+    if options.weight_decay is not None:
+        numbers["weight_decay"] = options.weight_decay
+    for name, value in numbers.items():
+        if not (_is_number(value) and value >= 0):
+            raise InputError(f"{name} must be a number, 0 or more")
+    prefixes = options.prefixes
+    if not (
+        isinstance(prefixes, (tuple, list))
+        and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(n) for n in p) for p in prefixes)
+        and all(1 <= length <= 64 and 0 <= count <= 100 for length, count in prefixes)
+        and _is_int(options.prefix_seed)
+        and 0 <= options.prefix_seed < 2**31
+    ):
+        raise InputError("prefixes must be (tokens 1 to 64, how many 0 to 100) pairs, and the prefix seed 0 or more")
     options.stats.validate()
 
 
@@ -119,8 +145,10 @@ def context_prefixes(handle: LoadedModel, options: EditOptions) -> list[str]:
         return handle.memo[key]
     path = cache_root() / "prefixes" / f"{model_fingerprint(handle)}.json"
     name = json.dumps([PREFIX_FORMAT] + [list(p) for p in options.prefixes] + [options.prefix_seed])
-    stored = json.loads(path.read_text()) if path.exists() else {}
-    if name not in stored:
+    stored = _read_json(path)
+    if not isinstance(stored, dict):
+        stored = {}  # missing or damaged: generated again and rewritten
+    if not _valid_prefixes(stored.get(name), sum(count for _length, count in options.prefixes)):
         prefixes = []
         first = start_token(handle)
         banned = added_token_ids(handle)
@@ -134,12 +162,34 @@ def context_prefixes(handle: LoadedModel, options: EditOptions) -> list[str]:
                 text = _MARKUP.sub(" ", text).replace("{", " ").replace("}", " ")
                 prefixes.append(" ".join(text.split()))
         stored[name] = prefixes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{id(stored)}")
-        tmp.write_text(json.dumps(stored, indent=1))
-        tmp.replace(path)
+        _write_json(path, stored)
     handle.memo[key] = stored[name]
     return stored[name]
+
+
+def _read_json(path) -> Any:
+    """The JSON in ``path``, or None when it is missing or cannot be read as JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def _write_json(path, value: Any) -> None:
+    """Write ``value`` to a temporary file, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{id(value)}")
+    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _valid_prefixes(value: Any, count: int) -> bool:
+    """Whether a cached entry is what :func:`context_prefixes` makes: ``count`` one-line texts without braces."""
+    return (
+        isinstance(value, list)
+        and len(value) == count
+        and all(isinstance(p, str) and not set(p) & set("{}\n\r") for p in value)
+    )
 
 
 def context_templates(prefixes: Sequence[str]) -> list[str]:
@@ -174,15 +224,17 @@ def traced_peak_layer(handle: LoadedModel, facts_limit: int = 40, progress: Prog
     if memo_key in handle.memo:
         return handle.memo[memo_key]
     path = cache_root() / "layers" / f"{model_fingerprint(handle)}-facts{facts_limit}.json"
-    if path.exists():
-        handle.memo[memo_key] = int(json.loads(path.read_text())["layer"])
+    stored = _read_json(path)
+    layer = stored.get("layer") if isinstance(stored, dict) else None
+    if _is_int(layer) and 0 <= layer < handle.num_layers:
+        handle.memo[memo_key] = int(layer)
         return handle.memo[memo_key]
+    # Missing or damaged (not JSON, no layer, a layer this model lacks): traced again and rewritten.
     from .aggregate import last_subject_mlp_effects
 
     effects, used = last_subject_mlp_effects(handle, facts_limit, progress)
     layer = int(np.argmax(effects))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"layer": layer, "facts": used, "mlp_effect_by_layer": effects.tolist()}, indent=1))
+    _write_json(path, {"layer": layer, "facts": used, "mlp_effect_by_layer": effects.tolist()})
     handle.memo[memo_key] = layer
     return layer
 

@@ -127,26 +127,38 @@ def load_edit(path: str | Path) -> Edit:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data["header"]))
             arrays = {key: data[key].copy() for key in ARRAY_FIELDS if key in data.files}
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
         raise InputError(f"{path} is not a saved edit ({type(error).__name__}); save one with --save-edit") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path} is not a saved edit (its header is not a JSON object); save one with --save-edit")
     if header.get("format") != EDIT_FORMAT:
-        raise InputError(f"{path} has edit format {header.get('format')}, this version reads {EDIT_FORMAT}")
-    return Edit(
-        request=EditRequest(**header["request"]),
-        layer=int(header["layer"]),
-        method=header["method"],
-        model=header["model"],
-        weight_shape=tuple(header["weight_shape"]),
-        right=arrays.get("right"),
-        left=arrays.get("left"),
-        dense=arrays.get("dense"),
-        stats=header["stats"],
-        weight_norm=float(header["weight_norm"]),
-        seconds=float(header.get("seconds", 0.0)),
-        phases=header.get("phases", {}),
-        key=arrays.get("key"),
-        value=arrays.get("value"),
-    )
+        found = header.get("format")
+        shown = found if isinstance(found, int) else repr(str(found)[:20])
+        raise InputError(f"{path} has edit format {shown}, this version reads {EDIT_FORMAT}")
+    try:
+        request = EditRequest(**header["request"])
+        if not all(isinstance(text, str) for text in (request.prompt, request.subject, request.target_new)):
+            raise TypeError("request texts")
+        if request.target_true is not None and not isinstance(request.target_true, str):
+            raise TypeError("request texts")
+        return Edit(
+            request=request,
+            layer=int(header["layer"]),
+            method=str(header["method"]),
+            model=str(header["model"]),
+            weight_shape=tuple(int(n) for n in header["weight_shape"]),
+            right=arrays.get("right"),
+            left=arrays.get("left"),
+            dense=arrays.get("dense"),
+            stats=dict(header["stats"]),
+            weight_norm=float(header["weight_norm"]),
+            seconds=float(header.get("seconds", 0.0)),
+            phases=dict(header.get("phases", {})),
+            key=arrays.get("key"),
+            value=arrays.get("value"),
+        )
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
+        raise InputError(f"{path} is not a saved edit (its header is damaged: {type(error).__name__}); save one with --save-edit") from None
 
 
 class EditSession:
@@ -165,8 +177,16 @@ class EditSession:
         shape = tuple(self.handle.arch.mlp_out_weight(edit.layer).shape)
         if tuple(edit.weight_shape) != shape:
             raise InputError(f"the edit's matrix shape {tuple(edit.weight_shape)} differs from the model's {shape}")
-        if any(not np.isfinite(a).all() for a in (edit.right, edit.left, edit.dense) if a is not None):
-            raise InputError("the edit contains NaN or infinite values; it was not applied")
+        out, width = shape
+        if edit.dense is not None:
+            arrays, shapes = [edit.dense], [(out, width)]
+        else:
+            arrays, shapes = [edit.right, edit.left], [(out,), (width,)]
+        for array, expected in zip(arrays, shapes):
+            if not isinstance(array, np.ndarray) or array.dtype.kind != "f" or array.shape != expected:
+                raise InputError(f"the edit's update does not have the shape {expected} of this model's matrix; it was not applied")
+            if not np.isfinite(array).all():
+                raise InputError("the edit contains NaN or infinite values; it was not applied")
 
     def add(self, edit: Edit) -> None:
         """Stack ``edit`` on the session's edits (it takes effect inside :meth:`applied`)."""

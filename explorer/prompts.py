@@ -46,6 +46,11 @@ def clean_text(value: object, what: str, allow_empty: bool = False) -> str:
     return value
 
 
+def quoted(text: str, limit: int = 60) -> str:
+    """``text`` quoted for an error message: escaped (one line) and cut to about ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
 def token_strings(tokenizer, ids: list[int]) -> list[str]:
     """Each token id decoded on its own, as shown on heatmap axes."""
     return [tokenizer.decode([int(i)]) for i in ids]
@@ -55,7 +60,7 @@ def find_subject(prompt: str, subject: str) -> tuple[int, int]:
     """Character span of ``subject`` in ``prompt`` (its first occurrence)."""
     start = prompt.find(subject)
     if start < 0:
-        raise InputError(f"subject {subject!r} does not occur in the prompt; copy it exactly as written there")
+        raise InputError(f"subject {quoted(subject)} does not occur in the prompt; copy it exactly as written there")
     return start, start + len(subject)
 
 
@@ -75,10 +80,24 @@ def tokenize_at(
     """Tokenise ``text`` (special tokens included) with the subject at the character span given.
 
     Works from the tokenizer's offsets, so BPE and SentencePiece tokenizers, with or without a BOS
-    token, and a subject anywhere in the text all map the same way.
+    token, and a subject anywhere in the text all map the same way. The subject's range is every token
+    that overlaps ``char_span``.
     """
-    char_start, char_end = char_span
-    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    if not isinstance(text, str) or not isinstance(subject, str):
+        raise InputError("the prompt and the subject must be text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("the prompt contains characters that are not valid Unicode (lone surrogates); retype it") from None
+    try:
+        char_start, char_end = (int(i) for i in char_span)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"the subject's position must be two numbers (start, end), got {quoted(str(char_span))}") from None
+    if not 0 <= char_start < char_end <= len(text):
+        raise InputError(f"the subject's position {char_start}..{char_end} is not inside the prompt of {len(text)} characters")
+    # split_special_tokens: text the user typed, such as "<bos>" or "<start_of_turn>", stays text; only the
+    # tokenizer's own BOS is special.
+    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True, split_special_tokens=True)
     ids = list(encoding["input_ids"])
     if max_tokens is not None and len(ids) > max_tokens:
         raise InputError(f"the prompt is {len(ids)} tokens long, over the limit of {max_tokens}; shorten it")
@@ -89,7 +108,7 @@ def tokenize_at(
         if end > start and start < char_end and end > char_start and not _is_special(tokenizer, ids[i])
     ]
     if not covered:
-        raise InputError(f"subject {subject!r} maps to no token of the prompt")
+        raise InputError(f"subject {quoted(subject)} maps to no token of the prompt")
     return TokenizedPrompt(
         prompt=text,
         subject=subject,

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from filelock import FileLock
 from . import hooks
 from .generation import Sampling, generate_ids, pad_token, right_padded, start_token
 from .models import LoadedModel, cache_root, model_fingerprint
-from .prompts import InputError
+from .prompts import InputError, quoted
 
 Progress = Callable[[float, str], None]
 
@@ -49,12 +48,31 @@ class StatsSpec:
 
     def validate(self) -> None:
         """Raise :class:`InputError` for a corpus or size the engine cannot use."""
-        if self.corpus not in ("sample", "identity", "wikipedia") and not self.corpus.startswith("text:"):
-            raise InputError(f"unknown statistics corpus {self.corpus!r}: use one of {', '.join(CORPORA)}")
-        if self.corpus.startswith("text:") and not Path(self.corpus[5:]).expanduser().exists():
-            raise InputError(f"statistics text {self.corpus[5:]!r} does not exist; give a .txt file or a folder of them")
-        if self.corpus != "identity" and not 256 <= self.tokens <= 10_000_000:
-            raise InputError(f"statistics size {self.tokens} tokens is out of range; use 256 to 10,000,000")
+        corpus = self.corpus if isinstance(self.corpus, str) else ""
+        if corpus not in ("sample", "identity", "wikipedia") and not corpus.startswith("text:"):
+            raise InputError(f"unknown statistics corpus {quoted(str(self.corpus))}: use one of {', '.join(CORPORA)}")
+        if corpus.startswith("text:") and not _exists(corpus[5:]):
+            raise InputError(f"statistics text {quoted(corpus[5:])} does not exist; give a .txt file or a folder of them")
+        if corpus != "identity" and not (_is_int(self.tokens) and 256 <= self.tokens <= 10_000_000):
+            raise InputError(f"statistics size {_shown(self.tokens)} tokens is out of range; use 256 to 10,000,000")
+        if not (_is_int(self.seed) and 0 <= self.seed < 2**31):
+            raise InputError(f"statistics seed {_shown(self.seed)} is out of range; use 0 to {2**31 - 1}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    return str(value) if _is_int(value) else quoted(str(value))
+
+
+def _exists(path: str) -> bool:
+    """Whether ``path`` (``~`` expanded) exists; a path the system cannot even look up does not."""
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, RuntimeError, ValueError):  # name too long, unknown ~user, NUL byte
+        return False
 
 
 @dataclass
@@ -203,7 +221,7 @@ def second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, progress: Pr
     folder = stats_folder(handle, spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
-        loaded = _load_layer(folder, layer)
+        loaded = _load_layer(folder, layer, width=handle.arch.mlp_out_weight(layer).shape[1])
         if loaded is None:
             with handle.lock:
                 rows = corpus_rows(handle, spec, progress)
@@ -216,17 +234,35 @@ def second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, progress: Pr
     return result
 
 
-def _load_layer(folder: Path, layer: int) -> tuple[torch.Tensor, int] | None:
+def _load_layer(folder: Path, layer: int, width: int | None = None) -> tuple[torch.Tensor, int] | None:
+    """The cached C of ``layer`` and its key count, or None when missing or damaged (it is then recomputed).
+
+    Damaged covers unreadable files and readable ones of the wrong shape: meta that is not a dict with a
+    positive count, or a matrix that is not a finite square float tensor (``width`` wide, when given).
+    """
     meta_path, path = folder / "meta.json", folder / f"layer_{layer}.pt"
     if not (meta_path.exists() and path.exists()):
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != STATS_FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
             return None
-        return torch.load(path, weights_only=True).double(), int(meta["count"])
-    except (OSError, ValueError, RuntimeError, KeyError, pickle.UnpicklingError):
-        return None  # a damaged cache is recomputed
+        count = meta.get("count")
+        if not _is_int(count) or count <= 0:
+            return None
+        matrix = torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - whatever a damaged file raises (truncated zip, bad pickle, bad JSON), recompute
+        return None
+    if (
+        not isinstance(matrix, torch.Tensor)
+        or not matrix.is_floating_point()
+        or matrix.ndim != 2
+        or matrix.shape[0] != matrix.shape[1]
+        or (width is not None and matrix.shape[0] != width)
+        or not bool(torch.isfinite(matrix).all())
+    ):
+        return None
+    return matrix.double(), count
 
 
 def _save(folder: Path, moments: dict[int, torch.Tensor], count: int, spec: StatsSpec) -> None:

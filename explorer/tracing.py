@@ -160,6 +160,8 @@ def validate_options(options: TraceOptions, limits: TraceLimits = DEFAULT_LIMITS
         raise InputError(f"window must be between 1 and {limits.max_window}, got {options.window}")
     if not (np.isfinite(options.noise) and 0 < options.noise <= limits.max_noise):
         raise InputError(f"noise must be above 0 and at most {limits.max_noise}, got {options.noise}")
+    if not (isinstance(options.seed, (int, np.integer)) and not isinstance(options.seed, bool) and 0 <= options.seed < 2**32):
+        raise InputError(f"seed must be a whole number from 0 to {2**32 - 1}, got {options.seed!r}"[:200])
     if options.target is not None and options.target != "":
         clean_text(options.target, "target")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import html
 import os
 import shutil
 import tempfile
@@ -89,7 +90,8 @@ def user_errors(handler):
         except TraceCancelled:
             raise gr.Error("cancelled") from None
         except USER_ERRORS as error:
-            raise gr.Error(str(error)) from None
+            # Gradio shows the message as HTML and it may repeat what the user typed: escape it.
+            raise gr.Error(html.escape(str(error), quote=False)) from None
 
     return wrapped
 
@@ -361,10 +363,19 @@ def model_summary(handle: LoadedModel) -> str:
             f"{parameters / 1e6:.0f}M parameters")
 
 
+def allowed_models() -> set[str] | None:
+    """Models the model field may load: ``ROME_EXPLORER_MODELS`` (comma-separated) plus the default; None = any."""
+    listed = {name.strip() for name in os.environ.get("ROME_EXPLORER_MODELS", "").split(",") if name.strip()}
+    return (listed | {DEFAULT_MODEL, os.environ.get("ROME_EXPLORER_MODEL", DEFAULT_MODEL)}) if listed else None
+
+
 @user_errors
 def load_session_model(name, workspace: Workspace, progress=gr.Progress()):
     """Switch this session to another model (a hub name or a local folder); its edits on the old model are dropped."""
     name = str(name or "").strip() or DEFAULT_MODEL
+    allowed = allowed_models()
+    if allowed is not None and name not in allowed:
+        raise InputError(f"this app only loads {', '.join(sorted(allowed))}; run it yourself to try other models")
     handle = shared_model(name, progress=lambda f, m: progress(f, desc=m))
     workspace.switch_model(name, handle)
     return model_summary(handle), active_rows(workspace.session), workspace
@@ -412,7 +423,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                 load_button = gr.Button("Load", scale=1)
             model_status = gr.Markdown(f"Model: **{plots.safe_label(model_name)}** (loaded on first use)")
         with gr.Tabs() as tabs:
-            with gr.Tab("Trace", id="trace"):
+            with gr.Tab("Trace", id="trace", elem_id="trace-panel"):
                 with gr.Row():
                     prompt = gr.Textbox(label="Prompt", value=trace_examples()[0][0], elem_id="trace-prompt")
                     subject = gr.Textbox(label="Subject (guessed when empty)", value=trace_examples()[0][1], elem_id="trace-subject")
@@ -433,7 +444,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                         trace_layer = gr.Textbox(label="Layer to edit (filled with the peak MLP effect at the last subject token)")
                         to_edit = gr.Button("Edit at this layer")
                 gr.Examples(trace_examples(), [prompt, subject], label="Facts from the bundled set")
-            with gr.Tab("Edit", id="edit"):
+            with gr.Tab("Edit", id="edit", elem_id="edit-panel"):
                 case = gr.Dropdown(sample_case_labels(), label="Example from the bundled CounterFact sample", value=None)
                 with gr.Row():
                     edit_prompt = gr.Textbox(label="Prompt ({} for the subject, or the subject written out)", value="{} is located in the city of", elem_id="edit-prompt")
@@ -454,7 +465,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                 generations = gr.HTML(label="Completions: original | edited", elem_id="edit-generations")
                 bars = gr.Plot(label="P(new) and P(true) before vs after", elem_id="edit-bars")
                 table = gr.Dataframe(headers=COMPARISON_HEADERS, label="Before vs after", interactive=False)
-                metrics = gr.Markdown(elem_id="edit-metrics")
+                metrics = gr.Markdown(label="metrics", elem_id="edit-metrics")
                 edits = gr.Dataframe(headers=EDIT_LIST_HEADERS, label="Your active edits", interactive=False, elem_id="edit-list")
                 with gr.Row():
                     undo_number = gr.Textbox(label="Edit # to undo (empty: last)", value="")
@@ -474,8 +485,8 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                 with gr.Accordion("Try your edited model", open=False):
                     free_prompts = gr.Textbox(label="Prompts (one per line)", lines=3, value="The Eiffel Tower is located in")
                     complete_button = gr.Button("Complete")
-                    completions = gr.HTML()
-            with gr.Tab("Average effects", id="average"):
+                    completions = gr.HTML(label="completions")
+            with gr.Tab("Average effects", id="average", elem_id="average-panel"):
                 gr.Markdown("The paper's Figure 2 and its severed-path analysis over a fact set. On the embedded model on 2 CPU "
                             "cores one fact takes about 40 s per kind with 10 samples.")
                 with gr.Row():
@@ -488,7 +499,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                     average_button = gr.Button("Average effects", variant="primary")
                     severed_button = gr.Button("Severed paths")
                     average_cancel = gr.Button("Cancel", variant="stop", elem_id="trace-cancel")
-                average_summary = gr.Markdown()
+                average_summary = gr.Markdown(label="summary")
                 average_plot = gr.Plot(label="Average effects")
                 average_file = gr.File(label="Download (JSON)", interactive=False)
 

@@ -72,6 +72,14 @@ def launch_browser(playwright, profile: Path):
     )
 
 
+@contextlib.contextmanager
+def tiny_app(folder: Path, cache: Path, **env: str):
+    """The app serving a tiny random Llama saved under ``folder``, caching under ``cache``: yields (url, folder)."""
+    save_tiny(folder)
+    with running_app(folder, ROME_EXPLORER_CACHE=str(cache), **env) as (url, _seconds):
+        yield url, folder
+
+
 def save_tiny(folder: Path, family: str = "llama") -> Path:
     """A tiny random model of ``family`` saved as a local model folder (loaded by the app through the real loader)."""
     sys.path.insert(0, str(REPO / "tests"))

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_server import CHROMIUM, launch_browser, running_app, save_tiny
+from tests.app_server import CHROMIUM, launch_browser, running_app
+from tests.app_server import tiny_app as serving_tiny
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
 
@@ -17,10 +18,8 @@ TIMEOUT_MS = 240_000
 @pytest.fixture(scope="module")
 def tiny_app(tmp_path_factory):
     """(url, model folder) of the app serving a tiny random Llama."""
-    folder = save_tiny(tmp_path_factory.mktemp("tiny-llama"))
-    cache = tmp_path_factory.mktemp("cache")
-    with running_app(folder, ROME_EXPLORER_CACHE=str(cache)) as (url, _seconds):
-        yield url, folder
+    with serving_tiny(tmp_path_factory.mktemp("tiny-llama"), tmp_path_factory.mktemp("cache")) as served:
+        yield served
 
 
 @pytest.fixture()
@@ -152,6 +151,12 @@ def test_script_in_inputs_is_shown_as_text(tiny_app, browser):
     edit(page, "</script>" + HOSTILE)
     assert HOSTILE in page.locator("#edit-list").inner_text()
     assert "</script>" in page.locator("#edit-list").inner_text()
+    # An error message that repeats the hostile subject is shown as text too.
+    page.get_by_role("tab", name="Trace").click()
+    fill(page, "trace-prompt", "Paris is nice")
+    fill(page, "trace-subject", HOSTILE)
+    page.locator("#trace-button").click()
+    page.get_by_text("does not occur").first.wait_for(timeout=TIMEOUT_MS)
     assert page.locator("img[src='x']").count() == 0
     assert page.dialogs == []
 

@@ -171,7 +171,7 @@ def test_limits_come_from_the_environment():
         AppLimits.from_env({"ROME_EXPLORER_MAX_FACTS": "-3"})
     documented = (Path(__file__).resolve().parent.parent / "SECURITY.md").read_text()
     for variable, default in documented_defaults().items():
-        assert f"`{variable}` | {default:_}".replace("_", ",") in documented or f"`{variable}` | {default}" in documented
+        assert f"`{variable}` | {default:,} |" in documented, variable
 
 
 def test_example_cases_fill_the_edit_fields():
@@ -180,3 +180,65 @@ def test_example_cases_fill_the_edit_fields():
     prompt, subject, new, true, paraphrases, neighbours, generate = ui.fill_from_case(labels[0])
     assert "{}" in prompt and subject and new.startswith(" ") and true.startswith(" ")
     assert len(paraphrases.splitlines()) >= 2 and neighbours and generate
+
+
+def _resident_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+CYCLES = 50
+GROWTH_MARGIN_MB = 40.0
+
+
+def test_memory_stays_flat_over_many_trace_edit_undo_cycles(tiny_app):
+    """50 trace + edit + cancelled trace + undo cycles: resident memory may not keep growing."""
+    import gc
+
+    import gradio as gr
+
+    workspace = ui.Workspace()
+    weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
+
+    def cycle():
+        ui.run_trace("The Eiffel Tower is located in", "The Eiffel Tower", ["hidden", "mlp"], 3, 2, 3, workspace, **QUIET)
+        _edit(workspace)
+        with pytest.raises(gr.Error, match="cancelled"):
+            ui.run_trace("The Eiffel Tower is in", "The Eiffel Tower", ["attn"], 3, 2, 3, workspace,
+                         progress=lambda *a, **k: ui.cancel_job(workspace))
+        ui.undo_edit("", workspace)
+
+    for _ in range(5):  # warm-up: caches, allocator pools and lazily imported modules settle
+        cycle()
+    gc.collect()
+    start = _resident_mb()
+    for _ in range(CYCLES):
+        cycle()
+    gc.collect()
+    growth = _resident_mb() - start
+    print(f"resident memory over {CYCLES} cycles: {start:.0f} MB -> {start + growth:.0f} MB")
+    assert growth < GROWTH_MARGIN_MB, f"resident memory grew by {growth:.1f} MB over {CYCLES} cycles"
+    assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight) and workspace.session.edits == []
+
+
+def test_model_field_loads_a_folder_and_failures_say_why(tmp_path, monkeypatch):
+    """The real loader behind the model field: a local folder loads, a missing one is a clear error, nothing breaks."""
+    import gradio as gr
+
+    from conftest import build_tiny
+
+    tiny = build_tiny("gpt2")
+    tiny.model.save_pretrained(tmp_path / "gpt2")
+    tiny.tokenizer.save_pretrained(tmp_path / "gpt2")
+    monkeypatch.setattr(ui, "_models", type(ui._models)())
+    workspace = ui.Workspace()
+    status, edits, workspace = ui.load_session_model(str(tmp_path / "gpt2"), workspace, **QUIET)
+    assert "gpt2, 4 layers" in status and edits == [] and workspace.session.handle.arch.model_type == "gpt2"
+    with pytest.raises(gr.Error, match="could not find model"):
+        ui.load_session_model(str(tmp_path / "missing"), workspace, **QUIET)
+    assert workspace.session.handle.arch.model_type == "gpt2"  # still on the model it had
+    monkeypatch.setenv("ROME_EXPLORER_MODELS", "gpt2")
+    with pytest.raises(gr.Error, match="only loads"):
+        ui.load_session_model(str(tmp_path / "gpt2"), workspace, **QUIET)
