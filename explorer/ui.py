@@ -261,7 +261,7 @@ def comparison_rows(request, probes: Probes, report: dict) -> list[list]:
         for i, text in enumerate(prompts):
             rows.append([role, text, before[key]["target_new_prob"][i], after[key]["target_new_prob"][i],
                          before[key]["target_true_prob"][i], after[key]["target_true_prob"][i]])
-    return [[*row[:2], *(float(v) for v in row[2:])] for row in rows]
+    return [[*row[:2], *(round(float(v), 6) for v in row[2:])] for row in rows]
 
 
 COMPARISON_HEADERS = ["role", "prompt", "P(new) before", "P(new) after", "P(true) before", "P(true) after"]
@@ -537,9 +537,20 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
     return demo
 
 
+def _preload(name: str) -> None:
+    try:
+        shared_model(name)
+    except Exception as error:  # noqa: BLE001 - shown again, with its reason, to the first user who needs the model
+        print(f"could not load {name!r} at start: {error}", flush=True)
+
+
 def launch(model_name: str | None = None) -> None:
     """Start the app: ``ROME_EXPLORER_MODEL`` (or ``model_name``) on 127.0.0.1 unless GRADIO_SERVER_NAME says otherwise."""
-    demo = build_app(model_name or os.environ.get("ROME_EXPLORER_MODEL", DEFAULT_MODEL))
+    model_name = model_name or os.environ.get("ROME_EXPLORER_MODEL", DEFAULT_MODEL)
+    demo = build_app(model_name)
+    # Load the model while the page is already served, so the first click does not wait for it; a failure
+    # here is reported by the first request that needs the model, which loads it again.
+    threading.Thread(target=_preload, args=(model_name,), daemon=True, name="preload-model").start()
     # One job at a time on the shared model; past ``queue_size`` waiting requests Gradio answers "queue is full".
     demo.queue(default_concurrency_limit=1, max_size=LIMITS.queue_size)
     demo.launch()
