@@ -242,3 +242,50 @@ def test_model_field_loads_a_folder_and_failures_say_why(tmp_path, monkeypatch):
     monkeypatch.setenv("ROME_EXPLORER_MODELS", "gpt2")
     with pytest.raises(gr.Error, match="only loads"):
         ui.load_session_model(str(tmp_path / "gpt2"), workspace, **QUIET)
+
+
+HOSTILE_TRACES = [
+    ("", "", "prompt is empty"),
+    ("   \n\t ", "", "prompt is empty"),
+    ("The Eiffel Tower is located in", "The Louvre", "does not occur"),
+    ("The Eiffel Tower", "The Eiffel Tower", "the subject is the whole prompt"),
+    ("the tower is tall and located in", "", "could not guess the subject"),
+    ("The Eiffel Tower is located in " + "the city of " * 40, "The Eiffel Tower", "over the limit of 64"),
+    ("The Eiffel\x00 Tower is in", "The Eiffel\x00 Tower", "control characters"),
+    ("The Eiffel Tower\x1b[31m is in", "The Eiffel Tower", "control characters"),
+]
+FRIENDLY_TRACES = [  # unusual but legitimate text: traced, shown as text
+    ("Der Eiffelturm 🗼 steht in", "Der Eiffelturm 🗼"),
+    ("برج إيفل يقع في", "برج إيفل"),
+    ("The \u202eEiffel Tower is in", "\u202eEiffel Tower"),
+    ("The <img src=x onerror=alert(1)> is in", "<img src=x onerror=alert(1)>"),
+]
+
+
+@pytest.mark.parametrize("prompt, subject, message", HOSTILE_TRACES)
+def test_hostile_prompts_are_one_line_errors(tiny_app, prompt, subject, message):
+    import gradio as gr
+
+    workspace = ui.Workspace()
+    with pytest.raises(gr.Error, match=message) as error:
+        ui.run_trace(prompt, subject, ["hidden"], 2, 2, 3, workspace, **QUIET)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("prompt, subject", FRIENDLY_TRACES)
+def test_unicode_prompts_trace_and_their_labels_are_escaped(tiny_app, prompt, subject):
+    workspace = ui.Workspace()
+    figures = ui.run_trace(prompt, subject, ["hidden"], 2, 2, 3, workspace, **QUIET)
+    figure = figures[0]["value"]
+    labels = "".join(figure.layout.yaxis.ticktext)
+    assert "<img" not in labels and "<" not in "".join(str(t) for row in figure.data[0].text for t in row).replace("<br>", "")
+
+
+def test_the_model_context_caps_the_prompt(tiny_app, monkeypatch):
+    import gradio as gr
+
+    monkeypatch.setattr(ui, "LIMITS", ui.AppLimits(max_prompt_tokens=10_000))
+    monkeypatch.setattr(tiny_app.model.config, "max_position_embeddings", 12)
+    with pytest.raises(gr.Error, match="over the limit of 12"):
+        ui.run_trace("The Eiffel Tower is located in the city of Paris in France", "The Eiffel Tower", ["hidden"], 2, 2, 3,
+                     ui.Workspace(), **QUIET)
