@@ -16,7 +16,7 @@ import numpy as np
 
 from . import export, plots
 from .aggregate import average_effects, average_severed, known_prompts
-from .compare import Probes, compare, with_true_target
+from .compare import GENERATION_TOKENS, Probes, compare, with_true_target
 from .editing import METHODS, EditOptions, compute_edit, make_request, validate_options
 from .edits import EditSession
 from .evaluate import read_dataset
@@ -234,7 +234,8 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
     check_lengths(handle, (request.filled, request.target_new, request.target_true or ""), "edit prompt and targets")
     probes = Probes(check_lengths(handle, prompt_lines(paraphrases, "paraphrases"), "paraphrases"),
                     check_lengths(handle, prompt_lines(neighborhood, "neighbourhood prompts"), "neighbourhood prompts"),
-                    check_lengths(handle, prompt_lines(generate, "prompts to complete"), "prompts to complete") or (request.filled,))
+                    check_lengths(handle, prompt_lines(generate, "prompts to complete"), "prompts to complete") or (request.filled,),
+                    new_tokens=min(GENERATION_TOKENS, LIMITS.max_new_tokens))
     report = reporter(workspace, progress)
     request = with_true_target(handle, request, session)
     with session.applied():
@@ -299,7 +300,7 @@ def complete_prompts(text, workspace: Workspace):
     if not prompts:
         raise InputError("type at least one prompt to complete")
     with session.applied():
-        texts = complete(session.handle, prompts, min(30, LIMITS.max_new_tokens))
+        texts = complete(session.handle, prompts, min(GENERATION_TOKENS, LIMITS.max_new_tokens))
     rows = "".join(f"<tr><td class='prompt'>{plots.safe_label(p)}</td><td class='completion'>{plots.safe_label(t)}</td></tr>"
                    for p, t in zip(prompts, texts))
     return f"<table class='completions'><tr><th>prompt</th><th>completion ({len(session.edits)} edit(s) active)</th></tr>{rows}</table>"
