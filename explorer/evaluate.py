@@ -228,8 +228,12 @@ def dataset_digest(cases: Sequence[Case]) -> str:
 def _read_partial(path: Path | None, header: dict) -> dict[str, dict]:
     if path is None or not path.exists():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines or json.loads(lines[0]) != header:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        first = json.loads(lines[0]) if lines else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # unreadable: start afresh (the file is rewritten)
+    if first != header:
         return {}  # another run's file: start afresh
     done = {}
     for line in lines[1:]:
@@ -237,6 +241,8 @@ def _read_partial(path: Path | None, header: dict) -> dict[str, dict]:
             entry = json.loads(line)
         except json.JSONDecodeError:
             break  # a line cut short by the interruption
+        if not isinstance(entry, dict) or "case_id" not in entry:
+            break  # not a case this program wrote: keep what came before it
         done[entry["case_id"]] = entry
     return done
 

@@ -6,13 +6,15 @@ statistics corpus rely on that).
 """
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .models import LoadedModel
-from .prompts import clean_text
+from .prompts import InputError, clean_text
 
 StepCallback = Callable[[int, int], None]  # (tokens generated so far, tokens to generate)
 
@@ -24,6 +26,10 @@ class Sampling:
     top_k: int = 0
     seed: int = 0
     banned: tuple[int, ...] = ()  # token ids never chosen (e.g. markup and control tokens for prose)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not (isinstance(self.seed, numbers.Integral) and 0 <= self.seed < 2**63):
+            raise InputError(f"sampling seed must be a whole number from 0 to {2**63 - 1}, got {self.seed!r}"[:200])
 
     @property
     def greedy(self) -> bool:

@@ -74,10 +74,15 @@ class Workspace:
 
     def files(self) -> Path:
         """This session's download folder, emptied for each new result."""
-        if self._files is not None:
-            shutil.rmtree(self._files, ignore_errors=True)
+        self.close()
         self._files = Path(tempfile.mkdtemp(prefix="rome-explorer-"))
         return self._files
+
+    def close(self) -> None:
+        """Remove this session's download folder (Gradio calls it when the session's state is deleted)."""
+        if self._files is not None:
+            shutil.rmtree(self._files, ignore_errors=True)
+            self._files = None
 
 
 def user_errors(handler):
@@ -415,7 +420,7 @@ def _heatmap_row(label: str, elem_id: str) -> list:
 def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
     """The page: model, trace, edit and average panels over one shared model, edits kept per browser session."""
     with gr.Blocks(title="ROME Explorer") as demo:
-        workspace = gr.State(Workspace(model_name))
+        workspace = gr.State(Workspace(model_name), delete_callback=Workspace.close)
         gr.Markdown("# ROME Explorer\nLocate factual associations with causal tracing and rewrite them with ROME (Meng et al.).")
         with gr.Accordion("Model", open=False):
             with gr.Row():
@@ -469,7 +474,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                 metrics = gr.Markdown(label="metrics", elem_id="edit-metrics")
                 edits = gr.Dataframe(headers=EDIT_LIST_HEADERS, label="Your active edits", interactive=False, elem_id="edit-list")
                 with gr.Row():
-                    undo_number = gr.Textbox(label="Edit # to undo (empty: last)", value="")
+                    undo_number = gr.Textbox(label="Edit # to undo (empty: last)", value="", elem_id="undo-number")
                     undo_button = gr.Button("Undo", elem_id="undo-button")
                     reset_button = gr.Button("Reset all", elem_id="reset-button")
                 with gr.Accordion("Trace again: original vs edited", open=False):

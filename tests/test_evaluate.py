@@ -106,3 +106,23 @@ def test_fluency_uses_generations():
     metrics = ev.counterfact_metrics(handle, cases[0], generation=True, seed=0)
     assert metrics["fluency"] is not None and metrics["fluency"] > 0
     assert 0 <= metrics["ES"] <= 1 and metrics["NS"] is not None and np.isfinite(metrics["NM"])
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe garbage", b"{not json\n", b"", b'{"method": "rome"}\n[1, 2]\n"text"\n'])
+def test_a_damaged_resume_file_means_starting_afresh(tmp_path, content):
+    header = {"method": "rome", "format": "counterfact"}
+    path = tmp_path / "run.partial.jsonl"
+    path.write_bytes(content)
+    assert ev._read_partial(path, header) == {}
+    path.write_text(json.dumps(header) + "\n" + json.dumps({"case_id": "7", "x": 1}) + "\n[1]\n" + json.dumps({"case_id": "8"}) + "\n")
+    assert list(ev._read_partial(path, header)) == ["7"]  # entries after a foreign line are not trusted
+
+
+def test_sampling_seed_out_of_range_is_a_clear_error():
+    from explorer.generation import Sampling
+    from explorer.prompts import InputError
+
+    for seed in (-1, 2**64, 1.5):
+        with pytest.raises(InputError, match="sampling seed must be a whole number"):
+            Sampling(top_k=50, seed=seed)
+    assert Sampling(top_k=50, seed=2**63 - 1).seed == 2**63 - 1
