@@ -7,7 +7,6 @@ statistics corpus rely on that).
 from __future__ import annotations
 
 import numbers
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
