@@ -32,7 +32,7 @@ from . import hooks
 from .edits import Edit, EditRequest
 from .generation import Sampling, added_token_ids, generate_ids, pad_token, positions_from_mask, start_token
 from .models import LoadedModel, cache_root, model_fingerprint
-from .prompts import InputError, clean_text, quoted, tokenize_at
+from .prompts import InputError, clean_text, is_whole_number, quoted, tokenize_at
 from .scoring import target_ids
 from .stats import SecondMoment, StatsSpec, second_moment, solve
 
@@ -97,10 +97,6 @@ def make_request(prompt: str, subject: str, target_new: str, target_true: str | 
     return EditRequest(prompt=prompt, subject=subject, target_new=target_new, target_true=target_true)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -109,10 +105,10 @@ def validate_options(handle: LoadedModel, options: EditOptions) -> None:
     """Raise :class:`InputError` for options the engine cannot run, before touching the model."""
     if options.method not in METHODS:
         raise InputError(f"unknown method {quoted(str(options.method))}: use one of {', '.join(METHODS)}")
-    if options.layer is not None and not (_is_int(options.layer) and 0 <= options.layer < handle.num_layers):
-        shown = options.layer if _is_int(options.layer) else quoted(str(options.layer))
+    if options.layer is not None and not (is_whole_number(options.layer) and 0 <= options.layer < handle.num_layers):
+        shown = options.layer if is_whole_number(options.layer) else quoted(str(options.layer))
         raise InputError(f"layer {shown} is out of range; this model has layers 0 to {handle.num_layers - 1}")
-    if not (_is_int(options.steps) and _is_int(options.ft_steps) and 1 <= options.steps <= 200 and 1 <= options.ft_steps <= 500):
+    if not (is_whole_number(options.steps) and is_whole_number(options.ft_steps) and 1 <= options.steps <= 200 and 1 <= options.ft_steps <= 500):
         raise InputError("steps must be between 1 and 200 (ft: 500)")
     if not (_is_number(options.shrinkage) and options.shrinkage >= 0):
         raise InputError("shrinkage must be a number, 0 or more")
@@ -126,9 +122,9 @@ def validate_options(handle: LoadedModel, options: EditOptions) -> None:
     prefixes = options.prefixes
     if not (
         isinstance(prefixes, (tuple, list))
-        and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(_is_int(n) for n in p) for p in prefixes)
+        and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(is_whole_number(n) for n in p) for p in prefixes)
         and all(1 <= length <= 64 and 0 <= count <= 100 for length, count in prefixes)
-        and _is_int(options.prefix_seed)
+        and is_whole_number(options.prefix_seed)
         and 0 <= options.prefix_seed < 2**31
     ):
         raise InputError("prefixes must be (tokens 1 to 64, how many 0 to 100) pairs, and the prefix seed 0 or more")
@@ -226,7 +222,7 @@ def traced_peak_layer(handle: LoadedModel, facts_limit: int = 40, progress: Prog
     path = cache_root() / "layers" / f"{model_fingerprint(handle)}-facts{facts_limit}.json"
     stored = _read_json(path)
     layer = stored.get("layer") if isinstance(stored, dict) else None
-    if _is_int(layer) and 0 <= layer < handle.num_layers:
+    if is_whole_number(layer) and 0 <= layer < handle.num_layers:
         handle.memo[memo_key] = int(layer)
         return handle.memo[memo_key]
     # Missing or damaged (not JSON, no layer, a layer this model lacks): traced again and rewritten.

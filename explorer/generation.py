@@ -6,14 +6,13 @@ statistics corpus rely on that).
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .models import LoadedModel
-from .prompts import InputError, clean_text
+from .prompts import InputError, clean_text, is_whole_number
 
 StepCallback = Callable[[int, int], None]  # (tokens generated so far, tokens to generate)
 
@@ -27,7 +26,7 @@ class Sampling:
     banned: tuple[int, ...] = ()  # token ids never chosen (e.g. markup and control tokens for prose)
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not (isinstance(self.seed, numbers.Integral) and 0 <= self.seed < 2**63):
+        if not (is_whole_number(self.seed) and 0 <= self.seed < 2**63):
             raise InputError(f"sampling seed must be a whole number from 0 to {2**63 - 1}, got {self.seed!r}"[:200])
 
     @property

@@ -1,6 +1,7 @@
 """Prompts, subjects and their token positions: validation and tokenisation shared by every engine."""
 from __future__ import annotations
 
+import numbers
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -44,6 +45,11 @@ def clean_text(value: object, what: str, allow_empty: bool = False) -> str:
     if not allow_empty and not value.strip():
         raise InputError(f"{what} is empty; type some text")
     return value
+
+
+def is_whole_number(value: object) -> bool:
+    """Whether ``value`` is an integer (Python or numpy), not a bool, a float or text that looks like one."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def quoted(text: str, limit: int = 60) -> str:

@@ -26,7 +26,7 @@ from filelock import FileLock
 from . import hooks
 from .generation import Sampling, generate_ids, pad_token, right_padded, start_token
 from .models import LoadedModel, cache_root, model_fingerprint
-from .prompts import InputError, quoted
+from .prompts import InputError, is_whole_number, quoted
 
 Progress = Callable[[float, str], None]
 
@@ -53,18 +53,14 @@ class StatsSpec:
             raise InputError(f"unknown statistics corpus {quoted(str(self.corpus))}: use one of {', '.join(CORPORA)}")
         if corpus.startswith("text:") and not _exists(corpus[5:]):
             raise InputError(f"statistics text {quoted(corpus[5:])} does not exist; give a .txt file or a folder of them")
-        if corpus != "identity" and not (_is_int(self.tokens) and 256 <= self.tokens <= 10_000_000):
+        if corpus != "identity" and not (is_whole_number(self.tokens) and 256 <= self.tokens <= 10_000_000):
             raise InputError(f"statistics size {_shown(self.tokens)} tokens is out of range; use 256 to 10,000,000")
-        if not (_is_int(self.seed) and 0 <= self.seed < 2**31):
+        if not (is_whole_number(self.seed) and 0 <= self.seed < 2**31):
             raise InputError(f"statistics seed {_shown(self.seed)} is out of range; use 0 to {2**31 - 1}")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _shown(value: object) -> str:
-    return str(value) if _is_int(value) else quoted(str(value))
+    return str(value) if is_whole_number(value) else quoted(str(value))
 
 
 def _exists(path: str) -> bool:
@@ -248,7 +244,7 @@ def _load_layer(folder: Path, layer: int, width: int | None = None) -> tuple[tor
         if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
             return None
         count = meta.get("count")
-        if not _is_int(count) or count <= 0:
+        if not is_whole_number(count) or count <= 0:
             return None
         matrix = torch.load(path, weights_only=True)
     except Exception:  # noqa: BLE001 - whatever a damaged file raises (truncated zip, bad pickle, bad JSON), recompute

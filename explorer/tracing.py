@@ -26,7 +26,7 @@ import torch
 
 from . import hooks
 from .models import LoadedModel
-from .prompts import InputError, TokenizedPrompt, clean_text, guess_subject, tokenize_prompt
+from .prompts import InputError, TokenizedPrompt, clean_text, guess_subject, is_whole_number, tokenize_prompt
 
 KINDS = ("hidden", "mlp", "attn")
 # Cells batched together start at the group's lowest block; a wider spread means bigger batches but more
@@ -160,7 +160,7 @@ def validate_options(options: TraceOptions, limits: TraceLimits = DEFAULT_LIMITS
         raise InputError(f"window must be between 1 and {limits.max_window}, got {options.window}")
     if not (np.isfinite(options.noise) and 0 < options.noise <= limits.max_noise):
         raise InputError(f"noise must be above 0 and at most {limits.max_noise}, got {options.noise}")
-    if not (isinstance(options.seed, (int, np.integer)) and not isinstance(options.seed, bool) and 0 <= options.seed < 2**32):
+    if not (is_whole_number(options.seed) and 0 <= options.seed < 2**32):
         raise InputError(f"seed must be a whole number from 0 to {2**32 - 1}, got {options.seed!r}"[:200])
     if options.target is not None and options.target != "":
         clean_text(options.target, "target")
@@ -332,7 +332,8 @@ def answer_probabilities(handle: LoadedModel, final_states: torch.Tensor, answer
     out = []
     with torch.no_grad():
         for begin in range(0, final_states.shape[0], chunk):
-            logits = handle.arch.logits(final_states[begin : begin + chunk].to(handle.arch.unembedding.weight.device))
+            # float32 at least: a model loaded in bfloat16 would otherwise exponentiate with 3 significant digits.
+            logits = handle.arch.logits(final_states[begin : begin + chunk].to(handle.arch.unembedding.weight.device)).float()
             top = logits.max(dim=-1, keepdim=True).values
             answer = logits[:, answer_id].double() - top[:, 0].double()
             # exp in place in float32, summed in float64: a float32 sum over a 262k vocabulary is off by ~3e-5

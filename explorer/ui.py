@@ -213,6 +213,7 @@ def compare_traces(prompt, subject, target_new, kinds, samples, window, noise, w
     if not session.edits:
         raise InputError("no active edits: make an edit first, then trace again to compare")
     options = trace_options(kinds, samples, window, noise)
+    # Only the filled prompt is used: a placeholder stands in for an empty target field.
     request = make_request(prompt, subject, target_new or " x")
     report = reporter(workspace, progress)
     # The answer is fixed to the original model's, so both maps show the probability of the same token.
@@ -320,14 +321,13 @@ def fact_set(upload: str | None, limit: object) -> list:
         size = Path(upload).stat().st_size
         if size > LIMITS.max_upload_bytes:
             raise InputError(f"the fact set is {size} bytes, over the limit of {LIMITS.max_upload_bytes}")
-        return load_facts(upload, count)
-    return load_facts(None, count)
+    return load_facts(upload or None, count)
 
 
 @user_errors
 def run_average(upload, limit, kinds, samples, workspace: Workspace, progress=gr.Progress()):
     """The paper's Figure 2 on this session's model: average effect per layer for each token category."""
-    options = trace_options(kinds, samples, 10, 3)
+    options = trace_options(kinds, samples, TraceOptions.window, TraceOptions.noise)
     facts = fact_set(upload, limit)
     session = workspace.session
     with session.applied():
@@ -344,7 +344,7 @@ def run_average(upload, limit, kinds, samples, workspace: Workspace, progress=gr
 @user_errors
 def run_severed(upload, limit, samples, workspace: Workspace, progress=gr.Progress()):
     """Severed paths at the last subject token, averaged over the known facts of the set."""
-    options = trace_options(["hidden"], samples, 10, 3)
+    options = trace_options(["hidden"], samples, TraceOptions.window, TraceOptions.noise)
     facts = fact_set(upload, limit)
     session = workspace.session
     report = reporter(workspace, progress)
@@ -421,6 +421,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
     """The page: model, trace, edit and average panels over one shared model, edits kept per browser session."""
     with gr.Blocks(title="ROME Explorer") as demo:
         workspace = gr.State(Workspace(model_name), delete_callback=Workspace.close)
+        examples = trace_examples()
         gr.Markdown("# ROME Explorer\nLocate factual associations with causal tracing and rewrite them with ROME (Meng et al.).")
         with gr.Accordion("Model", open=False):
             with gr.Row():
@@ -431,8 +432,8 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Trace", id="trace", elem_id="trace-panel"):
                 with gr.Row():
-                    prompt = gr.Textbox(label="Prompt", value=trace_examples()[0][0], elem_id="trace-prompt")
-                    subject = gr.Textbox(label="Subject (guessed when empty)", value=trace_examples()[0][1], elem_id="trace-subject")
+                    prompt = gr.Textbox(label="Prompt", value=examples[0][0], elem_id="trace-prompt")
+                    subject = gr.Textbox(label="Subject (guessed when empty)", value=examples[0][1], elem_id="trace-subject")
                     target = gr.Textbox(label="Target (empty: the model's own answer)", value="")
                 with gr.Row():
                     kinds = gr.CheckboxGroup(list(KINDS), value=list(KINDS), label="Kinds")
@@ -449,7 +450,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                     with gr.Column():
                         trace_layer = gr.Textbox(label="Layer to edit (filled with the peak MLP effect at the last subject token)")
                         to_edit = gr.Button("Edit at this layer")
-                gr.Examples(trace_examples(), [prompt, subject], label="Facts from the bundled set")
+                gr.Examples(examples, [prompt, subject], label="Facts from the bundled set")
             with gr.Tab("Edit", id="edit", elem_id="edit-panel"):
                 case = gr.Dropdown(sample_case_labels(), label="Example from the bundled CounterFact sample", value=None)
                 with gr.Row():

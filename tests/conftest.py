@@ -87,6 +87,14 @@ def build_tiny(family: str, seed: int = 0):
     return prepare(f"tiny-{family}", model, tokenizer)
 
 
+def traced_scores(trace_output) -> dict:
+    """The scores of an app trace (handler return value or `gradio_client` result), read back from its JSON download."""
+    import json
+
+    json_path = next(path for path in trace_output[5] if str(path).endswith(".json"))
+    return json.loads(Path(json_path).read_text(encoding="utf-8"))["traces"]
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded default model, loaded through the real loader and cache."""

@@ -1,14 +1,13 @@
 """Many users at once through `gradio_client`: sessions stay apart, the shared model stays unedited, a full queue says busy."""
 from __future__ import annotations
 
-import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from tests.app_server import tiny_app
+from tests.conftest import traced_scores as scores
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
 TRACE = (PROMPT, SUBJECT, ["hidden", "mlp"], 3, 2, 3, "")
@@ -26,12 +25,6 @@ def client(url: str):
     from gradio_client import Client
 
     return Client(url, verbose=False)
-
-
-def scores(trace_output) -> dict:
-    """The traced scores, from the JSON download the trace endpoint returned."""
-    json_path = next(path for path in trace_output[5] if path.endswith(".json"))
-    return json.loads(Path(json_path).read_text(encoding="utf-8"))["traces"]
 
 
 def test_concurrent_sessions_see_only_their_own_edits(app_url):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny
+from conftest import build_tiny, traced_scores
 from explorer import ui
 from explorer.editing import EditOptions
 from explorer.stats import StatsSpec
@@ -32,14 +32,6 @@ def _edit(workspace, layer=1):
                        "The Eiffel Tower is", workspace, **QUIET)
 
 
-def _scores(trace_output) -> dict:
-    """The traced scores, read back from the JSON download the handler wrote."""
-    import json
-
-    paths = trace_output[5]
-    return json.loads(open(next(p for p in paths if p.endswith(".json")), encoding="utf-8").read())["traces"]
-
-
 def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
     mine, other = ui.Workspace(), ui.Workspace()
@@ -56,7 +48,7 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     edited = ui.run_trace(*trace_args, mine, **QUIET)
     unedited = ui.run_trace(*trace_args, other, **QUIET)
     assert "edit(s) of yours" in edited[3] and "edit(s)" not in unedited[3]
-    assert _scores(edited) != _scores(unedited)
+    assert traced_scores(edited) != traced_scores(unedited)
     assert sorted(Path(p).suffix for p in edited[5]) == [".csv", ".json", ".npz", ".npz"]
     assert edited[6] == str(ui.peak_mlp_layer(ui.export.trace_from_json(json.loads(Path(edited[5][0]).read_text()))))
     # original vs edited on the same noise: the original side equals the other session's unedited trace
@@ -68,7 +60,7 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     edits, mine = ui.undo_edit("", mine)  # an empty field: the last edit
     assert edits == []
     again = ui.run_trace(*trace_args, mine, **QUIET)
-    assert _scores(again) == _scores(unedited)  # after undo, the same trace as the unedited model
+    assert traced_scores(again) == traced_scores(unedited)  # after undo, the same trace as the unedited model
     with pytest.raises(Exception, match="no edit to undo"):
         ui.undo_edit(None, mine)
     with pytest.raises(Exception, match="no active edits"):
@@ -227,7 +219,7 @@ def test_model_field_loads_a_folder_and_failures_say_why(tmp_path, monkeypatch):
     """The real loader behind the model field: a local folder loads, a missing one is a clear error, nothing breaks."""
     import gradio as gr
 
-    from conftest import build_tiny
+    from conftest import build_tiny, traced_scores
 
     tiny = build_tiny("gpt2")
     tiny.model.save_pretrained(tmp_path / "gpt2")
