@@ -161,9 +161,17 @@ class Architecture:
         weight = self.mlp_out(layer).weight
         return weight.T if self.paths.mlp_out_transposed else weight
 
-    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits from final-normed hidden states, as the model's own head computes them."""
-        logits = self.unembedding(final_hidden)
+    def logits(self, final_hidden: torch.Tensor, vocab: slice | None = None) -> torch.Tensor:
+        """Vocabulary logits from final-normed hidden states, as the model's own head computes them.
+
+        ``vocab`` restricts them to a slice of the vocabulary (same values as slicing the full logits).
+        """
+        if vocab is None:
+            logits = self.unembedding(final_hidden)
+        else:
+            head = self.unembedding
+            bias = head.bias[vocab] if getattr(head, "bias", None) is not None else None
+            logits = nn.functional.linear(final_hidden, head.weight[vocab], bias)
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap

@@ -32,6 +32,8 @@ KINDS = ("hidden", "mlp", "attn")
 # Cells batched together start at the group's lowest block; a wider spread means bigger batches but more
 # blocks recomputed for nothing. Measured on the default model: see benchmarks/bench_tracing.py.
 GROUP_LAYER_SPREAD = 3
+# The answer's softmax runs over blocks of this many vocabulary entries (see answer_probabilities).
+VOCAB_BLOCK = 8192
 Progress = Callable[[float, str], None]
 
 
@@ -326,20 +328,33 @@ def score_cells(
 
 
 def answer_probabilities(handle: LoadedModel, final_states: torch.Tensor, answer_id: int, memory_mb: int = 1024) -> np.ndarray:
-    """Probability of ``answer_id`` from final-normed states, unembedding in chunks within ``memory_mb``."""
+    """Probability of ``answer_id`` from final-normed states.
+
+    The softmax runs over blocks of the vocabulary: per block, the logits (float32 at least: a bfloat16
+    model would otherwise exponentiate with 3 significant digits), their max, and the float32 sum of
+    exp(logit − max); the blocks merge in float64. That is within 3e-7 (relative) of a float64 softmax and
+    never holds a [rows, vocabulary] array; summing every exponential in float64 instead took 3x as long
+    (benchmarks/bench_unembedding.py).
+    """
     vocab = handle.arch.unembedding.weight.shape[0]
-    chunk = max(1, int(memory_mb * 2**20 // (2 * vocab * 4)))
+    device = handle.arch.unembedding.weight.device
+    rows = max(1, int(memory_mb * 2**20 // (2 * VOCAB_BLOCK * 4)))
     out = []
     with torch.no_grad():
-        for begin in range(0, final_states.shape[0], chunk):
-            # float32 at least: a model loaded in bfloat16 would otherwise exponentiate with 3 significant digits.
-            logits = handle.arch.logits(final_states[begin : begin + chunk].to(handle.arch.unembedding.weight.device)).float()
-            top = logits.max(dim=-1, keepdim=True).values
-            answer = logits[:, answer_id].double() - top[:, 0].double()
-            # exp in place in float32, summed in float64: a float32 sum over a 262k vocabulary is off by ~3e-5
-            # in probability, and converting every logit to float64 first costs a third more time.
-            total = logits.sub_(top).exp_().sum(dim=-1, dtype=torch.float64)
-            out.append((answer.exp() / total).cpu())
+        for begin in range(0, final_states.shape[0], rows):
+            states = final_states[begin : begin + rows].to(device)
+            maxima, sums = [], []
+            for first in range(0, vocab, VOCAB_BLOCK):
+                logits = handle.arch.logits(states, slice(first, first + VOCAB_BLOCK)).float()
+                if first <= answer_id < first + VOCAB_BLOCK:
+                    answer = logits[:, answer_id - first].double()
+                top = logits.max(dim=-1, keepdim=True).values
+                maxima.append(top[:, 0])
+                sums.append(logits.sub_(top).exp_().sum(dim=-1))
+            block_max = torch.stack(maxima, dim=1).double()
+            overall = block_max.max(dim=1).values
+            total = (torch.stack(sums, dim=1).double() * (block_max - overall[:, None]).exp()).sum(dim=1)
+            out.append(((answer - overall).exp() / total).cpu())
     return torch.cat(out).numpy()
 
 
