@@ -113,3 +113,21 @@ def test_cancel_stops_a_trace_and_leaves_no_hook():
     with pytest.raises(TraceCancelled):
         trace(handle, PROMPT, SUBJECT, TraceOptions(samples=2), cancel=lambda: True)
     assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in handle.model.modules())
+
+
+@pytest.mark.parametrize("family", ["gptj", "gemma2", "llama"])  # head with a bias; logit softcapping; plain
+def test_answer_probabilities_over_vocabulary_blocks_equal_a_float64_softmax(family, monkeypatch):
+    from explorer import tracing
+
+    handle = build_tiny(family)
+    vocab, hidden = handle.arch.unembedding.weight.shape
+    states = 3 * torch.randn(9, hidden, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = torch.softmax(handle.arch.logits(states).double(), dim=-1)
+    # Blocks multiply float32 rounding differently from one product over the whole vocabulary: ~1e-6 in p.
+    for block in (7, vocab - 1, vocab, 8192):  # ragged last block, one entry left over, one block, the default
+        monkeypatch.setattr(tracing, "VOCAB_BLOCK", block)
+        for answer in (0, 6, 7, vocab - 1):
+            for memory_mb in (0, 1024):  # one row at a time, all rows at once
+                got = tracing.answer_probabilities(handle, states, answer, memory_mb)
+                np.testing.assert_allclose(got, expected[:, answer].numpy(), atol=2e-6, rtol=0, err_msg=f"block {block}")
