@@ -114,6 +114,8 @@ def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats-tokens", type=int, default=20_000, help="tokens of statistics text (default 20000)")
     parser.add_argument("--shrinkage", type=float, default=0.0, help="ridge on the key statistics, share of mean diagonal")
     parser.add_argument("--steps", type=int, default=20, help="at most this many value-optimisation steps (default 20)")
+    parser.add_argument("--clamp-factor", type=float, help="‖δ‖ ≤ this × ‖MLP output‖ (default: the model's measured value, else 4)")
+    parser.add_argument("--loss-stop", type=float, help="stop the value optimisation below this loss (default: measured, else 0.05)")
 
 
 def _edit_options(args: argparse.Namespace):
@@ -126,7 +128,10 @@ def _edit_options(args: argparse.Namespace):
     stats = StatsSpec(corpus=args.stats_corpus, tokens=args.stats_tokens)
     stats.validate()
     method = "rome" if args.method == "none" else args.method
-    return EditOptions(method=method, layer=args.layer, stats=stats, shrinkage=args.shrinkage, steps=args.steps)
+    return EditOptions(
+        method=method, layer=args.layer, stats=stats, shrinkage=args.shrinkage, steps=args.steps,
+        clamp_factor=args.clamp_factor, loss_stop=args.loss_stop,
+    )
 
 
 def _options(args: argparse.Namespace):

@@ -39,17 +39,21 @@ from .stats import SecondMoment, StatsSpec, second_moment, solve
 METHODS = ("rome", "rome-original", "ft")
 Progress = Callable[[float, str], None]
 KL_TEMPLATE = "{} is a"  # the prompt whose next-token distribution the KL term keeps
-PAPER_WEIGHT_DECAY = 0.5
-# Per-family and per-model settings, measured with the evaluation metrics (README, "Editing").
+# The paper's GPT-2 XL settings that models may override; per-family and per-model settings below are
+# measured with the evaluation metrics (README, "Editing"). A model's own settings win over its family's.
+PAPER_SETTINGS: dict[str, float] = {"weight_decay": 0.5, "clamp_factor": 4.0, "loss_stop": 0.05}
 FAMILY_SETTINGS: dict[str, dict] = {
     # Gemma 3's MLP outputs have norm ~2 (GPT-2 XL's are ~10x larger): the paper's decay term 0.5·‖δ‖/‖out‖²
     # then stays near 0.8 and the loss never reaches the early stop. 1e-3 gave the same ES/PS/NS on the
     # CounterFact sample (layer 4: 100/100/18 either way) in fewer steps.
     "gemma3_text": {"weight_decay": 1e-3},
 }
-# Layers chosen by measurement where the traced peak is not the best edit layer. The embedded model's MLP
-# effect peaks at layer 4, but edits there spill onto other subjects (NS 18 vs 92 unedited); at layer 1 NS is 69.5.
-MEASURED_LAYERS: dict[str, int] = {"default": 1}
+MODEL_SETTINGS: dict[str, dict] = {
+    # The embedded model's MLP effect peaks at layer 4, but edits there spill onto other subjects (NS 18 vs 92
+    # unedited); at layer 1 NS is 69.5. There δ always ends on its clamp, and what reaches a neighbour grows
+    # with ‖δ‖: a clamp of CLAMP× the MLP output (the paper's 4×) lifts NS to NSVAL with ES/PS still 100.
+    "default": {"layer": 1, "clamp_factor": 2.0},
+}
 PREFIX_FORMAT = 2  # bump when the way prefixes are made changes (cached per model)
 _MARKUP = re.compile(r"<[^>]{0,40}>")
 
@@ -62,10 +66,10 @@ class EditOptions:
     layer: int | None = None  # None: the model's default layer (peak MLP effect at the last subject token)
     steps: int = 20
     lr: float = 0.5
-    loss_stop: float = 0.05
-    clamp_factor: float = 4.0  # ‖δ‖ ≤ clamp_factor × ‖MLP output at the subject‖
+    loss_stop: float | None = None  # stop v* once its loss is below this; None: measured or paper's
+    clamp_factor: float | None = None  # ‖δ‖ ≤ clamp_factor × ‖MLP output at the subject‖; None: measured or paper's
     kl_factor: float = 0.0625
-    weight_decay: float | None = None  # None: the family's setting (FAMILY_SETTINGS), else the paper's 0.5
+    weight_decay: float | None = None  # None: the model's or family's measured setting, else the paper's 0.5
     prefixes: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, how many)
     prefix_seed: int = 0
     stats: StatsSpec = field(default_factory=StatsSpec)
@@ -112,10 +116,11 @@ def validate_options(handle: LoadedModel, options: EditOptions) -> None:
         raise InputError("steps must be between 1 and 200 (ft: 500)")
     if not (_is_number(options.shrinkage) and options.shrinkage >= 0):
         raise InputError("shrinkage must be a number, 0 or more")
-    numbers = {"lr": options.lr, "ft_lr": options.ft_lr, "ft_norm": options.ft_norm, "clamp_factor": options.clamp_factor}
-    numbers.update({"loss_stop": options.loss_stop, "kl_factor": options.kl_factor})
-    if options.weight_decay is not None:
-        numbers["weight_decay"] = options.weight_decay
+    numbers = {"lr": options.lr, "ft_lr": options.ft_lr, "ft_norm": options.ft_norm}
+    numbers["kl_factor"] = options.kl_factor
+    for name in PAPER_SETTINGS:
+        if getattr(options, name) is not None:
+            numbers[name] = getattr(options, name)
     for name, value in numbers.items():
         if not (_is_number(value) and value >= 0):
             raise InputError(f"{name} must be a number, 0 or more")
@@ -196,17 +201,20 @@ def context_templates(prefixes: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------- default layer
 
 
-def resolved_weight_decay(handle: LoadedModel, options: EditOptions) -> float:
-    """The decay on δ: the option when set, else the family's measured setting, else the paper's."""
-    if options.weight_decay is not None:
-        return options.weight_decay
-    return FAMILY_SETTINGS.get(handle.arch.model_type, {}).get("weight_decay", PAPER_WEIGHT_DECAY)
+def resolved_setting(handle: LoadedModel, options: EditOptions, name: str) -> float:
+    """A setting of PAPER_SETTINGS: the option when set, else the model's, else the family's, else the paper's."""
+    if getattr(options, name) is not None:
+        return getattr(options, name)
+    for measured in (MODEL_SETTINGS.get(handle.name, {}), FAMILY_SETTINGS.get(handle.arch.model_type, {})):
+        if name in measured:
+            return measured[name]
+    return PAPER_SETTINGS[name]
 
 
 def default_layer(handle: LoadedModel, facts_limit: int = 40, progress: Progress | None = None) -> int:
     """The layer edits use unless told: a measured choice where there is one, else the traced peak."""
-    if handle.name in MEASURED_LAYERS:
-        return MEASURED_LAYERS[handle.name]
+    if "layer" in MODEL_SETTINGS.get(handle.name, {}):
+        return MODEL_SETTINGS[handle.name]["layer"]
     return traced_peak_layer(handle, facts_limit, progress)
 
 
@@ -431,8 +439,9 @@ def optimise_value(
     initial = pre.outputs[0].detach()
     delta = torch.zeros_like(initial, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=options.lr)
-    max_norm = options.clamp_factor * float(initial.norm())
-    weight_decay = resolved_weight_decay(handle, options)
+    max_norm = resolved_setting(handle, options, "clamp_factor") * float(initial.norm())
+    weight_decay = resolved_setting(handle, options, "weight_decay")
+    loss_stop = resolved_setting(handle, options, "loss_stop")
     losses: list[float] = []
 
     def add_delta(output: torch.Tensor) -> torch.Tensor:
@@ -451,7 +460,7 @@ def optimise_value(
             losses.append(float(loss.detach()))
             if not torch.isfinite(loss):
                 raise FloatingPointError("the value optimisation diverged (loss is not finite); try a lower learning rate")
-            if losses[-1] < options.loss_stop:
+            if losses[-1] < loss_stop:
                 break
             optimiser.zero_grad()
             loss.backward()
@@ -534,9 +543,12 @@ def compute_rome(
         **moment.describe(),
         "shrinkage": options.shrinkage,
         "value_steps": result.steps,
-        "weight_decay": resolved_weight_decay(handle, options),
+        "weight_decay": resolved_setting(handle, options, "weight_decay"),
+        "clamp_factor": resolved_setting(handle, options, "clamp_factor"),
+        "loss_stop": resolved_setting(handle, options, "loss_stop"),
         "value_loss_initial": result.losses[0],
         "value_loss": result.losses[-1],
+        "value_losses": [round(loss, 4) for loss in result.losses],
         "delta_norm_v": float(result.delta.norm()),
     }
     vectors = {"right": right.numpy(), "left": left.numpy(), "key": mapped_key.double().cpu().numpy(), "value": result.value.double().cpu().numpy()}

@@ -78,12 +78,14 @@ def test_average_and_severed_json(tiny_folder, tmp_path):
 def test_edit_reports_saves_and_reapplies(tiny_folder, tmp_path):
     common = ("--model", str(tiny_folder), "--layer", "1", "--stats-corpus", "identity", "--steps", "3", "--tokens", "5")
     out = _run("edit", "--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", " Rome",
-               "--generate", "The Eiffel Tower is", "--json", str(tmp_path / "e.json"), "--save-edit", str(tmp_path / "e.npz"), *common)
+               "--generate", "The Eiffel Tower is", "--json", str(tmp_path / "e.json"), "--save-edit", str(tmp_path / "e.npz"),
+               "--clamp-factor", "0.5", "--loss-stop", "0.01", *common)
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "e.json").read_text())
     for key in ("request", "layer", "method", "seconds", "stats", "delta_norm", "before", "after"):
         assert key in data
     assert data["layer"] == 1 and data["method"] == "rome" and data["stats"]["corpus"] == "identity"
+    assert data["stats"]["clamp_factor"] == 0.5 and data["stats"]["loss_stop"] == 0.01
     assert data["request"]["target_true"]  # filled in from the model's own top-1 token
     for side in ("before", "after"):
         assert set(data[side]) >= {"target_new_prob", "target_true_prob", "generations"}
@@ -103,6 +105,8 @@ def test_edit_reports_saves_and_reapplies(tiny_folder, tmp_path):
         (("--stats-corpus", "novels"), "unknown statistics corpus"),
         (("--target", " "), "target_new is empty"),
         (("--apply-edit", "/no/such.npz"), "not a saved edit"),
+        (("--clamp-factor", "-1"), "clamp_factor must be a number"),
+        (("--loss-stop", "nan"), "loss_stop must be a number"),
     ],
 )
 def test_edit_bad_input_exits_2_with_one_line(tiny_folder, args, message):

@@ -16,11 +16,13 @@ from explorer.editing import (
     align,
     compute_edit,
     context_templates,
+    default_layer,
     make_request,
     precompute,
     suffix_pass,
     loss_layout,
     read_losses,
+    resolved_setting,
 )
 from explorer.edits import EditSession, load_edit
 from explorer.prompts import InputError
@@ -153,6 +155,23 @@ def test_value_optimisation_lowers_its_loss(tiny):
         with torch.no_grad():
             mapped = module(torch.from_numpy(edit.key).float().unsqueeze(0))[0]
         assert torch.allclose(mapped.double(), torch.from_numpy(edit.value), atol=1e-4)
+
+
+def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_paper(monkeypatch):
+    handle = build_tiny("gemma3_text")
+    assert resolved_setting(handle, EditOptions(), "weight_decay") == 1e-3  # Gemma 3's family setting
+    assert resolved_setting(handle, EditOptions(), "clamp_factor") == 4.0  # the paper's
+    assert resolved_setting(build_tiny("gpt2"), EditOptions(), "weight_decay") == 0.5
+    monkeypatch.setattr(handle, "name", "default")  # the embedded model's measured settings
+    assert resolved_setting(handle, EditOptions(), "clamp_factor") == 2.0 and default_layer(handle) == 1
+    assert resolved_setting(handle, EditOptions(clamp_factor=3.0, weight_decay=0.25), "clamp_factor") == 3.0
+    assert resolved_setting(handle, EditOptions(weight_decay=0.25), "weight_decay") == 0.25
+    # the clamp holds: ‖δ‖ never exceeds clamp_factor × the MLP output's norm, and the edit reports it
+    edit = compute_edit(handle, REQUEST, EditOptions(**{**FAST.__dict__, "steps": 6, "clamp_factor": 0.05}))
+    assert edit.stats["clamp_factor"] == 0.05
+    rows = [_row(handle, "{}", REQUEST, target_ids(handle, REQUEST.target_new))]
+    initial = float(precompute(handle, align(rows, 0), 1, None).outputs[0].norm())  # the MLP output δ is added to
+    assert 0.99 * 0.05 * initial <= edit.stats["delta_norm_v"] <= 0.05 * initial * (1 + 1e-5)
 
 
 def test_ft_baseline_stays_in_its_linf_ball():
