@@ -327,15 +327,23 @@ def score_cells(
     return probs.reshape(len(cells), samples).mean(axis=1)
 
 
-def answer_probabilities(handle: LoadedModel, final_states: torch.Tensor, answer_id: int, memory_mb: int = 1024) -> np.ndarray:
+def answer_probabilities(
+    handle: LoadedModel,
+    final_states: torch.Tensor,
+    answer_id: int,
+    memory_mb: int = 1024,
+    block_logits: Callable[[torch.Tensor, slice], torch.Tensor] | None = None,
+) -> np.ndarray:
     """Probability of ``answer_id`` from final-normed states.
 
     The softmax runs over blocks of the vocabulary: per block, the logits (float32 at least: a bfloat16
     model would otherwise exponentiate with 3 significant digits), their max, and the float32 sum of
     exp(logit − max); the blocks merge in float64. That is within 3e-7 (relative) of a float64 softmax and
     never holds a [rows, vocabulary] array; summing every exponential in float64 instead took 3x as long
-    (benchmarks/bench_unembedding.py).
+    (benchmarks/bench_unembedding.py). ``block_logits(states, vocab_slice)`` replaces the model's head
+    (the benchmark tries other ways of computing the same product).
     """
+    block_logits = block_logits or handle.arch.logits
     vocab = handle.arch.unembedding.weight.shape[0]
     device = handle.arch.unembedding.weight.device
     rows = max(1, int(memory_mb * 2**20 // (2 * VOCAB_BLOCK * 4)))
@@ -345,7 +353,7 @@ def answer_probabilities(handle: LoadedModel, final_states: torch.Tensor, answer
             states = final_states[begin : begin + rows].to(device)
             maxima, sums = [], []
             for first in range(0, vocab, VOCAB_BLOCK):
-                logits = handle.arch.logits(states, slice(first, first + VOCAB_BLOCK)).float()
+                logits = block_logits(states, slice(first, first + VOCAB_BLOCK)).float()
                 if first <= answer_id < first + VOCAB_BLOCK:
                     answer = logits[:, answer_id - first].double()
                 top = logits.max(dim=-1, keepdim=True).values
