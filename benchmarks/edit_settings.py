@@ -8,6 +8,9 @@ Variants (all on the default model, the project's CounterFact sample set, genera
   rome-clamp4     ‖δ‖ ≤ 4 × ‖MLP output‖ and stop below loss 0.05 (the paper's), weight decay 1e-3
   rome-clamp2     the same with ‖δ‖ ≤ 2 × ‖MLP output‖
   rome-clamp1     the same with ‖δ‖ ≤ 1 × ‖MLP output‖
+  rome-clamp1-stop  ‖δ‖ ≤ 1 × ‖MLP output‖, stop below loss 0.15
+  rome-clamp0.5   ‖δ‖ ≤ 0.5 × ‖MLP output‖, stop below loss 0.15
+  rome-lr1        the paper's clamp and stop with Adam's learning rate 1 instead of 0.5
   rome-paper      the paper's clamp, stop and weight decay (0.5)
   rome-identity   C = identity (no statistics)
   rome-shrink     C with 10% ridge shrinkage
@@ -45,6 +48,9 @@ def variants(layer: int) -> dict[str, tuple[str, EditOptions]]:
         "rome-clamp4": ("rome", clamped[4.0]),
         "rome-clamp2": ("rome", clamped[2.0]),
         "rome-clamp1": ("rome", clamped[1.0]),
+        "rome-clamp1-stop": ("rome", replace(clamped[1.0], loss_stop=0.15)),
+        "rome-clamp0.5": ("rome", replace(clamped[1.0], clamp_factor=0.5, loss_stop=0.15)),
+        "rome-lr1": ("rome", replace(clamped[4.0], lr=1.0)),
         "rome-paper": ("rome", replace(base, clamp_factor=4.0, loss_stop=0.05, weight_decay=0.5)),
         "rome-identity": ("rome", replace(base, stats=StatsSpec(corpus="identity"))),
         "rome-shrink": ("rome", replace(base, shrinkage=0.1)),
@@ -75,7 +81,7 @@ def main() -> None:
         edit_seconds = float(np.mean([edit["seconds"] for edit in edits]))
         steps = float(np.mean([edit["stats"].get("value_steps", 0) for edit in edits]))
         results[name] = {"seconds_per_case": seconds, "seconds_per_edit": edit_seconds, "value_steps": steps,
-                         "metrics": result["metrics"], "unedited": result["unedited"]}
+                         "metrics": result["metrics"], "unedited": result["unedited"], "per_case": result["per_case"]}
         if "unedited" not in results:
             results["unedited"] = {"metrics": result["unedited"]}
             print(f"{'unedited':<16}" + "".join(f"{result['unedited'][n]['mean']:>8.1f} ±{result['unedited'][n]['ci95']:>4.1f}" for n in names), flush=True)

@@ -436,14 +436,24 @@ class ValueResult:
 
 
 def optimise_value(
-    handle: LoadedModel, batch: AlignedBatch, layer: int, pre: Precomputed, options: EditOptions, kl_row: int
+    handle: LoadedModel,
+    batch: AlignedBatch,
+    layer: int,
+    pre: Precomputed,
+    options: EditOptions,
+    kl_row: int,
+    clamp_factor: float | None = None,
 ) -> ValueResult:
-    """v*: δ added to W's output at each subject's last token, trained so the targets follow."""
+    """v*: δ added to W's output at each subject's last token, trained so the targets follow.
+
+    ‖δ‖ is clamped to ``clamp_factor`` (default: the resolved setting) × the MLP output's norm.
+    """
     rewrite_rows = [i for i in range(len(batch.rows)) if i != kl_row]
     initial = pre.outputs[0].detach()
     delta = torch.zeros_like(initial, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=options.lr)
-    max_norm = resolved_setting(handle, options, "clamp_factor") * float(initial.norm())
+    clamp_factor = resolved_setting(handle, options, "clamp_factor") if clamp_factor is None else clamp_factor
+    max_norm = clamp_factor * float(initial.norm())
     weight_decay = resolved_setting(handle, options, "weight_decay")
     loss_stop = resolved_setting(handle, options, "loss_stop")
     losses: list[float] = []
@@ -504,6 +514,42 @@ def rank_one_update(
     return residual / denominator, u
 
 
+def clamp_ladder(first: float) -> list[float]:
+    """The clamps v* is tried with: ``first``, doubled while below the paper's, then the paper's."""
+    paper = PAPER_SETTINGS["clamp_factor"]
+    ladder = [first]
+    while ladder[-1] < paper:
+        ladder.append(min(2 * ladder[-1], paper))
+    return ladder
+
+
+def edit_holds(handle: LoadedModel, request: EditRequest, layer: int, right: torch.Tensor, left: torch.Tensor) -> bool:
+    """Whether the model with ΔW = Λ uᵀ added prefers target_new after the edit's own prompt.
+
+    Against target_true when the request has one, else against a probability of one half. A small δ
+    can be realised too weakly at the bare prompt's key (its key is not k*): then v* is optimised again
+    with a larger clamp (README, "Editing").
+    """
+    from .scoring import mean_nll
+
+    prompt = request.prompt.replace("{}", request.subject)
+    module = handle.arch.mlp_out(layer)
+    u, lam = left.to(handle.device, torch.float32), right.to(handle.device, torch.float32)
+
+    def add_update(_module: torch.nn.Module, inputs: tuple, output: Any) -> Any:
+        extra = (inputs[0].float() @ u).unsqueeze(-1) * lam
+        return hooks.with_first_tensor(output, hooks.first_tensor(output) + extra.to(hooks.first_tensor(output).dtype))
+
+    hook = module.register_forward_hook(add_update)
+    try:
+        with torch.no_grad():
+            targets = [request.target_new] + ([request.target_true] if request.target_true else [])
+            nll = mean_nll(handle, [(prompt, target) for target in targets])
+    finally:
+        hook.remove()
+    return bool(nll[0] < nll[1]) if len(nll) > 1 else bool(nll[0] < math.log(2))
+
+
 def compute_rome(
     handle: LoadedModel, request: EditRequest, layer: int, options: EditOptions, progress: Progress
 ) -> tuple[dict[str, np.ndarray], dict, dict]:
@@ -527,28 +573,31 @@ def compute_rome(
     phases["key"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    progress(0.2, "optimising the value v*")
-    result = optimise_value(handle, batch, layer, pre, options, kl_row)
-    phases["value"] = time.perf_counter() - began
-
-    began = time.perf_counter()
     progress(0.85, "second-moment statistics")
     moment = second_moment(handle, layer, options.stats, lambda f, m: progress(0.85 + 0.1 * f, m))
     phases["stats"] = time.perf_counter() - began
-    began = time.perf_counter()
-    if options.method == "rome-original":
-        right, left = rank_one_update(handle, layer, key, result.value, moment, options.shrinkage, pre.keys[0], pre.outputs[0])
-        mapped_key = pre.keys[0]
-    else:
-        right, left = rank_one_update(handle, layer, key, result.value, moment, options.shrinkage)
-        mapped_key = key
-    phases["update"] = time.perf_counter() - began
+    phases["value"] = phases["update"] = 0.0
+    mapped_key = pre.keys[0] if options.method == "rome-original" else key
+    lambda_args = (pre.keys[0], pre.outputs[0]) if options.method == "rome-original" else ()
+    clamps = clamp_ladder(resolved_setting(handle, options, "clamp_factor"))
+    for tries, clamp in enumerate(clamps, start=1):
+        began = time.perf_counter()
+        progress(0.2, "optimising the value v*" + (f" again, ‖δ‖ up to {clamp:g}× the MLP output" if tries > 1 else ""))
+        result = optimise_value(handle, batch, layer, pre, options, kl_row, clamp)
+        phases["value"] += time.perf_counter() - began
+        began = time.perf_counter()
+        right, left = rank_one_update(handle, layer, key, result.value, moment, options.shrinkage, *lambda_args)
+        holds = tries == len(clamps) or edit_holds(handle, request, layer, right, left)
+        phases["update"] += time.perf_counter() - began
+        if holds:
+            break
     info = {
         **moment.describe(),
         "shrinkage": options.shrinkage,
         "value_steps": result.steps,
         "weight_decay": resolved_setting(handle, options, "weight_decay"),
-        "clamp_factor": resolved_setting(handle, options, "clamp_factor"),
+        "clamp_factor": clamp,
+        "clamp_tries": tries,
         "loss_stop": resolved_setting(handle, options, "loss_stop"),
         "value_loss_initial": result.losses[0],
         "value_loss": result.losses[-1],

@@ -16,7 +16,10 @@ from explorer.editing import (
     align,
     compute_edit,
     context_templates,
+    clamp_ladder,
     default_layer,
+    edit_holds,
+    optimise_value,
     make_request,
     precompute,
     suffix_pass,
@@ -167,12 +170,21 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
     assert resolved_setting(handle, EditOptions(), "loss_stop") == 0.15
     assert resolved_setting(handle, EditOptions(clamp_factor=3.0, weight_decay=0.25), "clamp_factor") == 3.0
     assert resolved_setting(handle, EditOptions(weight_decay=0.25), "weight_decay") == 0.25
-    # the clamp holds: ‖δ‖ never exceeds clamp_factor × the MLP output's norm, and the edit reports it
+    # the clamp holds: ‖δ‖ never exceeds clamp_factor × the MLP output's norm (and binds here)
+    rows = [_row(handle, "{}", REQUEST, target_ids(handle, REQUEST.target_new)), _row(handle, "{}", REQUEST, [], kl=True)]
+    batch = align(rows, 0)
+    pre = precompute(handle, batch, 1, 1)
+    initial = float(pre.outputs[0].norm())  # the MLP output δ is added to
+    result = optimise_value(handle, batch, 1, pre, EditOptions(**{**FAST.__dict__, "steps": 6}), 1, clamp_factor=0.05)
+    assert 0.99 * 0.05 * initial <= float(result.delta.norm()) <= 0.05 * initial * (1 + 1e-5)
+    # an edit that does not hold on its own prompt is optimised again with the clamp doubled, up to the paper's
+    assert clamp_ladder(0.75) == [0.75, 1.5, 3.0, 4.0] and clamp_ladder(4.0) == [4.0] and clamp_ladder(5.0) == [5.0]
     edit = compute_edit(handle, REQUEST, EditOptions(**{**FAST.__dict__, "steps": 6, "clamp_factor": 0.05}))
-    assert edit.stats["clamp_factor"] == 0.05
-    rows = [_row(handle, "{}", REQUEST, target_ids(handle, REQUEST.target_new))]
-    initial = float(precompute(handle, align(rows, 0), 1, None).outputs[0].norm())  # the MLP output δ is added to
-    assert 0.99 * 0.05 * initial <= edit.stats["delta_norm_v"] <= 0.05 * initial * (1 + 1e-5)
+    ladder = clamp_ladder(0.05)
+    tries = edit.stats["clamp_tries"]
+    assert edit.stats["clamp_factor"] == ladder[tries - 1]
+    if tries < len(ladder):  # it stopped because the edit holds
+        assert edit_holds(handle, REQUEST, 1, torch.from_numpy(edit.right), torch.from_numpy(edit.left))
 
 
 def test_ft_baseline_stays_in_its_linf_ball():
