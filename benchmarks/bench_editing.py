@@ -1,6 +1,6 @@
 """Edit benchmark on the default model: seconds per phase of one ROME edit, and the one-time costs.
 
-    python benchmarks/bench_editing.py [--layer 4] [--stats-tokens 20000] [--repeat 2]
+    python benchmarks/bench_editing.py [--layer 1] [--stats-tokens 20000] [--repeat 2]
 
 The first edit pays the one-time costs (context prefixes, key statistics, unless already cached); the
 following ones show the per-edit cost. Each edit is also checked: P(target_new) before and after.
@@ -8,13 +8,17 @@ following ones show the per-edit cost. Each edit is also checked: P(target_new) 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-from explorer.editing import EditOptions, compute_edit, make_request
-from explorer.edits import EditSession
-from explorer.models import load_model
-from explorer.scoring import target_probabilities
-from explorer.stats import StatsSpec
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from explorer.editing import EditOptions, compute_edit, make_request  # noqa: E402
+from explorer.edits import EditSession  # noqa: E402
+from explorer.models import load_model  # noqa: E402
+from explorer.scoring import target_probabilities  # noqa: E402
+from explorer.stats import StatsSpec  # noqa: E402
 
 REQUESTS = [
     ("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
