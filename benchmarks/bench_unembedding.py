@@ -51,8 +51,7 @@ def float64_reference(handle, states: torch.Tensor, answer_id: int) -> torch.Ten
 
 
 def final_states(handle, rows: int) -> tuple[torch.Tensor, int]:
-    prompts = ["The Eiffel Tower is located in the city of", "The Louvre is in the city of", "Michael Jordan plays the sport of"]
-    ids = handle.tokenizer(prompts[0], return_tensors="pt")["input_ids"]
+    ids = handle.tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         clean = handle.arch.backbone(input_ids=ids).last_hidden_state[0, -1]
         answer_id = int(handle.arch.logits(clean).argmax())

@@ -122,8 +122,7 @@ def validate_options(handle: LoadedModel, options: EditOptions) -> None:
         raise InputError("steps must be between 1 and 200 (ft: 500)")
     if not (_is_number(options.shrinkage) and options.shrinkage >= 0):
         raise InputError("shrinkage must be a number, 0 or more")
-    numbers = {"lr": options.lr, "ft_lr": options.ft_lr, "ft_norm": options.ft_norm}
-    numbers["kl_factor"] = options.kl_factor
+    numbers = {"lr": options.lr, "ft_lr": options.ft_lr, "ft_norm": options.ft_norm, "kl_factor": options.kl_factor}
     for name in PAPER_SETTINGS:
         if getattr(options, name) is not None:
             numbers[name] = getattr(options, name)
@@ -534,7 +533,6 @@ def edit_holds(handle: LoadedModel, request: EditRequest, layer: int, right: tor
     """
     from .scoring import mean_nll
 
-    prompt = request.prompt.replace("{}", request.subject)
     module = handle.arch.mlp_out(layer)
     u, lam = left.to(handle.device, torch.float32), right.to(handle.device, torch.float32)
 
@@ -546,7 +544,7 @@ def edit_holds(handle: LoadedModel, request: EditRequest, layer: int, right: tor
     try:
         with torch.no_grad():
             targets = [request.target_new] + ([request.target_true] if request.target_true else [])
-            nll = mean_nll(handle, [(prompt, target) for target in targets])
+            nll = mean_nll(handle, [(request.filled, target) for target in targets])
     finally:
         hook.remove()
     return bool(nll[0] < nll[1]) if len(nll) > 1 else bool(nll[0] < math.log(2))
