@@ -1,6 +1,8 @@
 """Edit benchmark on the default model: seconds per phase of one ROME edit, and the one-time costs.
 
-    python benchmarks/bench_editing.py [--layer 1] [--stats-tokens 20000] [--repeat 2]
+    python benchmarks/bench_editing.py [--layer N] [--stats-tokens 20000] [--repeat 2]
+
+Without --layer, edits use the model's default layer (1 for the embedded model).
 
 The first edit pays the one-time costs (context prefixes, key statistics, unless already cached); the
 following ones show the per-edit cost. Each edit is also checked: P(target_new) before and after.
@@ -29,7 +31,7 @@ REQUESTS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--layer", type=int, default=4)
+    parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--stats-tokens", type=int, default=20_000)
     parser.add_argument("--stats-corpus", default="sample")
     parser.add_argument("--weight-decay", type=float, default=EditOptions().weight_decay)

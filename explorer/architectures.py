@@ -166,16 +166,34 @@ class Architecture:
 
         ``vocab`` restricts them to a slice of the vocabulary (same values as slicing the full logits).
         """
-        if vocab is None:
-            logits = self.unembedding(final_hidden)
-        else:
-            head = self.unembedding
-            bias = head.bias[vocab] if getattr(head, "bias", None) is not None else None
-            logits = nn.functional.linear(final_hidden, head.weight[vocab], bias)
+        head = self.unembedding  # an nn.Linear in every family of the table
+        vocab = vocab if vocab is not None else slice(None)
+        bias = head.bias[vocab] if getattr(head, "bias", None) is not None else None
+        logits = few_row_linear(final_hidden, head.weight[vocab], bias)
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         return logits
+
+
+FEW_ROWS = 256  # up to this many rows, (weight @ statesᵀ)ᵀ beats states @ weightᵀ (few_row_linear)
+
+
+def few_row_linear(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``nn.functional.linear`` with the product turned around for few rows.
+
+    With a wide weight (the default model's 262k-row head) and few rows, MKL runs ``weight @ statesᵀ``
+    much faster than ``states @ weightᵀ``: 22 rows 224 vs 352 ms, 8 rows 71 vs 286 ms, 256 rows 1.31 vs
+    1.71 s; from 512 rows on the plain product is as fast or faster (2 threads, measured in one run).
+    Same values up to float rounding; autograd sees two ordinary products.
+    """
+    flat = states.reshape(-1, states.shape[-1])
+    if flat.shape[0] > FEW_ROWS:
+        return nn.functional.linear(states, weight, bias)
+    out = torch.mm(weight, flat.T).T
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*states.shape[:-1], weight.shape[0])
 
 
 def supported_model_types() -> list[str]:

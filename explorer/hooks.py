@@ -124,3 +124,26 @@ def bypass(module: nn.Module, fn: Callable[..., Any]) -> Iterator[None]:
             module.forward = original
         else:
             del module.forward
+
+
+class _ForwardStopped(Exception):
+    """Raised by :func:`stopping_after`'s hook to end a forward pass early."""
+
+
+@contextmanager
+def stopping_after(module: nn.Module) -> Iterator[None]:
+    """End any forward pass in the body once ``module`` has run; what hooks recorded until then stays.
+
+    For passes that need only the lower layers: the layers above are not computed at all.
+    """
+
+    def hook(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        raise _ForwardStopped
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    except _ForwardStopped:
+        pass
+    finally:
+        handle.remove()

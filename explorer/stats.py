@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -79,6 +79,8 @@ class SecondMoment:
     layer: int
     spec: StatsSpec
     count: int  # keys averaged
+    # Cholesky factors by shrinkage, made on first use: every edit at this layer solves with the same C.
+    factors: dict[float, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def describe(self) -> dict:
         """The ``stats`` entry of an edit's report."""
@@ -282,14 +284,20 @@ def solve(moment: SecondMoment, key: torch.Tensor, shrinkage: float = 0.0) -> to
     key = key.double().cpu()
     if moment.matrix is None:
         return key
-    matrix = moment.matrix
+    if shrinkage not in moment.factors:
+        moment.factors[shrinkage] = _cholesky(moment.matrix, shrinkage)
+    return torch.cholesky_solve(key.unsqueeze(1), moment.factors[shrinkage]).squeeze(1)
+
+
+def _cholesky(matrix: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """The Cholesky factor of ``matrix`` + shrinkage·mean(diag)·I, with a ridge added when it is singular."""
     scale = float(matrix.diagonal().mean())
     jitter = shrinkage * scale
     for _ in range(8):
         regularised = matrix + jitter * torch.eye(matrix.shape[0], dtype=torch.float64)
         factor, info = torch.linalg.cholesky_ex(regularised)
         if int(info) == 0:
-            return torch.cholesky_solve(key.unsqueeze(1), factor).squeeze(1)
+            return factor
         # Too few keys for the key dimension leave C singular: add the smallest ridge that factorises.
         jitter = max(jitter * 10, scale * 1e-6)
     raise InputError("the key statistics are singular; use a larger corpus (--stats-tokens) or --shrinkage 0.1")

@@ -10,8 +10,10 @@ blocks below a cell's first restored layer are not rerun (their corrupted output
 are cached); positions before the restored token are not rerun (their keys and
 values come from the corrupted run's cache); cells before the subject, and
 final-layer hidden cells off the last token, restore a state equal to the
-corrupted one; many cells share one batched pass; and the unembedding runs once,
-at the last position only, over all cells together.
+corrupted one; all cells restoring one token share one batched pass, in which each
+block computes only the rows of cells that start at or below it; the last block's MLP
+runs at the last position only; and the unembedding runs once, at the last position
+only, over all cells together.
 """
 from __future__ import annotations
 
@@ -29,11 +31,8 @@ from .models import LoadedModel
 from .prompts import InputError, TokenizedPrompt, clean_text, guess_subject, is_whole_number, tokenize_prompt
 
 KINDS = ("hidden", "mlp", "attn")
-# Cells batched together start at the group's lowest block; a wider spread means bigger batches but more
-# blocks recomputed for nothing. Measured on the default model: see benchmarks/bench_tracing.py.
-GROUP_LAYER_SPREAD = 3
 # The answer's softmax runs over blocks of this many vocabulary entries (see answer_probabilities).
-VOCAB_BLOCK = 8192
+VOCAB_BLOCK = 2048  # 8192: 7% slower on 4,620 rows of the default model (2 threads, one run)
 Progress = Callable[[float, str], None]
 
 
@@ -299,18 +298,12 @@ def score_cells(
         return np.zeros(0)
     samples = runs.samples
     max_cells = max(1, _rows_budget(handle, runs, memory_mb) // samples)
-    # Cells restoring the same token share a key/value prefix; order by first recomputed block so that
-    # cells batched together waste few recomputed blocks.
+    # Cells restoring the same token share a key/value prefix and run in one pass (as many as fit); sorted
+    # by start, so that cells which can share blocks (plan_pass) land in the same pass.
     order = sorted(range(len(cells)), key=lambda i: (cells[i].token, cells[i].start))
     groups: list[list[int]] = []
     for index in order:
-        head = cells[groups[-1][0]] if groups else None
-        if (
-            head is not None
-            and len(groups[-1]) < max_cells
-            and head.token == cells[index].token
-            and cells[index].start - head.start < GROUP_LAYER_SPREAD
-        ):
+        if groups and len(groups[-1]) < max_cells and cells[groups[-1][0]].token == cells[index].token:
             groups[-1].append(index)
         else:
             groups.append([index])
@@ -366,23 +359,80 @@ def answer_probabilities(
     return torch.cat(out).numpy()
 
 
-def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, cells: list[Cell]) -> torch.Tensor:
-    """One batched pass for cells that restore the same token; returns the last position's final states."""
+@dataclass(frozen=True)
+class PassPlan:
+    """The rows of one batched pass: which cell each row slot holds, and where its computation begins."""
+
+    order: list[int]  # cell index per row slot, sorted by entry
+    entry: list[int]  # per slot: the first block computed for it
+    donor: list[int | None]  # per slot: the earlier slot whose state it takes on entry (None: the corrupted run's)
+
+
+def plan_pass(cells: Sequence[Cell], num_layers: int) -> PassPlan:
+    """Order the cells of one token's pass, letting cells share the blocks where they agree.
+
+    A cell computes from its ``start``; but when an earlier cell restores and freezes exactly the same
+    states in every block below some block ``f`` (windows clipped at layer 0 differ only at their ends),
+    both have the same state up to ``f``: the later cell enters at ``f`` with the earlier one's state.
+    """
+
+    def changes(cell: Cell) -> list[frozenset]:
+        per_layer: list[set] = [set() for _ in range(num_layers)]
+        for kind, layer in cell.restores:
+            per_layer[layer].add((kind, "restore"))
+        for kind, layer in cell.freezes:
+            per_layer[layer].add((kind, "freeze"))
+        return [frozenset(layer) for layer in per_layer]
+
+    signatures = [changes(cell) for cell in cells]
+    by_start = sorted(range(len(cells)), key=lambda i: (cells[i].start, max((l for _k, l in cells[i].restores), default=0)))
+    entry: dict[int, int] = {}
+    donor: dict[int, int | None] = {}
+    for index in by_start:
+        entry[index], donor[index] = cells[index].start, None
+        for other in entry:
+            if other == index:
+                continue
+            agree = next((l for l in range(num_layers) if signatures[index][l] != signatures[other][l]), num_layers)
+            if agree > entry[index] and entry[other] < agree:
+                entry[index], donor[index] = agree, other
+    order = sorted(range(len(cells)), key=lambda i: entry[i])
+    slot = {index: position for position, index in enumerate(order)}
+    return PassPlan(
+        order=order,
+        entry=[entry[i] for i in order],
+        donor=[None if donor[i] is None else slot[donor[i]] for i in order],
+    )
+
+
+def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) -> torch.Tensor:
+    """One batched pass for cells that restore the same token; returns the last position's final states
+    (``samples`` rows per cell, in the order given).
+
+    Rows are ordered by where their computation begins (:func:`plan_pass`), so block ``l`` computes only
+    a leading slice of rows; the rows after it are still equal to the corrupted run there and take its
+    recorded output, and a row entering from a donor takes the donor's state.
+    """
     arch, samples = handle.arch, runs.samples
+    plan = plan_pass(group, handle.num_layers)
+    cells = [group[i] for i in plan.order]
     token = cells[0].token
     prefix = token if runs.kv is not None else 0
-    start = min(cell.start for cell in cells)
     copies = len(cells)
     position = token - prefix  # index of the restored token within the recomputed positions
 
-    # Per module: rows to overwrite at ``position`` and the values to write there.
+    # Per module: rows to overwrite at ``position`` and the values to write there. A row entering from a
+    # donor already carries the donor's changes below its entry.
     edits: dict[tuple[str, int], list[tuple[slice, torch.Tensor]]] = {}
     for slot, cell in enumerate(cells):
         rows = slice(slot * samples, (slot + 1) * samples)
+        below = plan.entry[slot] if plan.donor[slot] is not None else 0
         for kind, layer in cell.restores:
-            edits.setdefault((kind, layer), []).append((rows, runs.clean[kind][layer][token]))
+            if layer >= below:
+                edits.setdefault((kind, layer), []).append((rows, runs.clean[kind][layer][token]))
         for kind, layer in cell.freezes:
-            edits.setdefault((kind, layer), []).append((rows, runs.corrupted[kind][layer][:, token]))
+            if layer >= below:
+                edits.setdefault((kind, layer), []).append((rows, runs.corrupted[kind][layer][:, token]))
 
     def writer(entries: list[tuple[slice, torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
         def write(output: torch.Tensor) -> torch.Tensor:
@@ -393,21 +443,83 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, cells: list[Cell]) 
 
         return write
 
-    def skipped(layer: int) -> Callable[..., Any]:
-        value = runs.corrupted["hidden"][layer][:, prefix:].repeat(copies, 1, 1)
-        return lambda *args, **kwargs: hooks.with_first_tensor(runs.block_template[layer], value)
+    def leading_rows_only(layer: int, forward: Callable[..., Any]) -> Callable[..., Any]:
+        active = samples * sum(1 for first in plan.entry if first <= layer)
+        corrupted = runs.corrupted["hidden"][layer][:, prefix:]
+        entering = [(slot, donor) for slot, donor in enumerate(plan.donor) if donor is not None and plan.entry[slot] == layer]
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            rows = copies * samples
+            if active == 0:
+                return hooks.with_first_tensor(runs.block_template[layer], corrupted.repeat(copies, 1, 1))
+            if entering:
+                states = (args[0] if args else kwargs["hidden_states"]).clone()
+                for slot, donor in entering:
+                    states[slot * samples : (slot + 1) * samples] = states[donor * samples : (donor + 1) * samples]
+                if args:
+                    args = (states, *args[1:])
+                else:
+                    kwargs = {**kwargs, "hidden_states": states}
+            if active < rows:
+                args, kwargs = _leading(args, rows, active), _leading(kwargs, rows, active)
+                for cache in [*args, *kwargs.values()]:
+                    if hasattr(cache, "layers") and hasattr(cache, "update"):  # the key/value cache
+                        entry = cache.layers[layer]
+                        entry.keys, entry.values = entry.keys[:active], entry.values[:active]
+            output = forward(*args, **kwargs)
+            if active < rows:
+                rest = corrupted.repeat(copies - active // samples, 1, 1)
+                output = hooks.with_first_tensor(output, torch.cat([hooks.first_tensor(output), rest]))
+            return output
+
+        return run
 
     embeds = runs.corrupted_embeds[:, prefix:].repeat(copies, 1, 1)
     kwargs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": prefix > 0}
     if prefix > 0:
         kwargs["past_key_values"] = _prefix_cache(handle, runs, prefix, copies)
     with torch.no_grad(), ExitStack() as stack:
-        for layer in range(min(start, handle.num_layers)):
-            stack.enter_context(hooks.bypass(arch.block(layer), skipped(layer)))
+        for layer in range(handle.num_layers):
+            block = arch.block(layer)
+            stack.enter_context(hooks.bypass(block, leading_rows_only(layer, block.forward)))
+        # Only the last position of the last block reaches the logits: its MLP (position-wise) runs there
+        # alone and the other positions get zeros. Entered before the writers, so they see the full shape.
+        last_mlp = arch.state_module("mlp", handle.num_layers - 1)
+        stack.enter_context(hooks.on_input(last_mlp, lambda states: states[:, -1:]))
+        stack.enter_context(hooks.on_output(last_mlp, _padded_to(embeds.shape[1])))
         for (kind, layer), entries in edits.items():
             stack.enter_context(hooks.on_output(arch.state_module(kind, layer), writer(entries)))
         out = arch.backbone(**kwargs)
-    return out.last_hidden_state[:, -1]
+    final = out.last_hidden_state[:, -1]
+    back = torch.empty(copies * samples, dtype=torch.long)
+    for slot, index in enumerate(plan.order):
+        back[index * samples : (index + 1) * samples] = torch.arange(slot * samples, (slot + 1) * samples)
+    return final[back.to(final.device)]
+
+
+def _padded_to(length: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Left-pad an output computed for the last position only with zeros, to ``length`` positions."""
+
+    def pad(output: torch.Tensor) -> torch.Tensor:
+        if output.shape[1] == length:
+            return output
+        zeros = output.new_zeros(output.shape[0], length - output.shape[1], *output.shape[2:])
+        return torch.cat([zeros, output], dim=1)
+
+    return pad
+
+
+def _leading(value: Any, rows: int, keep: int) -> Any:
+    """``value`` with every batch-first tensor in it (2-D or more, ``rows`` long) cut to its first ``keep`` rows."""
+    if isinstance(value, torch.Tensor):
+        return value[:keep] if value.dim() >= 2 and value.shape[0] == rows else value
+    if isinstance(value, tuple):
+        return tuple(_leading(item, rows, keep) for item in value)
+    if isinstance(value, list):
+        return [_leading(item, rows, keep) for item in value]
+    if isinstance(value, dict):
+        return {key: _leading(item, rows, keep) for key, item in value.items()}
+    return value
 
 
 def _prefix_cache(handle: LoadedModel, runs: CleanAndCorrupted, prefix: int, copies: int):

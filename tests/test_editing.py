@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from conftest import FAMILIES, build_tiny
-from explorer import hooks
+from explorer import editing, hooks
 from explorer.editing import (
     EditOptions,
     _row,
     align,
     compute_edit,
     context_templates,
-    clamp_ladder,
+    scale_ladder,
     default_layer,
     edit_holds,
     optimise_value,
@@ -63,7 +63,7 @@ def test_fast_value_pass_matches_plain_forward(tiny):
     targets = target_ids(tiny, " Rome city")
     rows = [_row(tiny, template, REQUEST, targets) for template in templates]
     batch = align(rows, pad_id=0)
-    pre = precompute(tiny, batch, layer, kl_row=None)
+    pre = precompute(tiny, batch, layer)
     delta = torch.randn(pre.outputs.shape[-1], generator=torch.Generator().manual_seed(0))
 
     def add(output):
@@ -166,25 +166,41 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
     assert resolved_setting(handle, EditOptions(), "clamp_factor") == 4.0  # the paper's
     assert resolved_setting(build_tiny("gpt2"), EditOptions(), "weight_decay") == 0.5
     monkeypatch.setattr(handle, "name", "default")  # the embedded model's measured settings
-    assert resolved_setting(handle, EditOptions(), "clamp_factor") == 0.75 and default_layer(handle) == 1
+    assert resolved_setting(handle, EditOptions(), "clamp_factor") == 0.5 and default_layer(handle) == 1
     assert resolved_setting(handle, EditOptions(), "loss_stop") == 0.15
     assert resolved_setting(handle, EditOptions(clamp_factor=3.0, weight_decay=0.25), "clamp_factor") == 3.0
     assert resolved_setting(handle, EditOptions(weight_decay=0.25), "weight_decay") == 0.25
     # the clamp holds: ‖δ‖ never exceeds clamp_factor × the MLP output's norm (and binds here)
     rows = [_row(handle, "{}", REQUEST, target_ids(handle, REQUEST.target_new)), _row(handle, "{}", REQUEST, [], kl=True)]
     batch = align(rows, 0)
-    pre = precompute(handle, batch, 1, 1)
+    pre = precompute(handle, batch, 1)
     initial = float(pre.outputs[0].norm())  # the MLP output δ is added to
     result = optimise_value(handle, batch, 1, pre, EditOptions(**{**FAST.__dict__, "steps": 6}), 1, clamp_factor=0.05)
     assert 0.99 * 0.05 * initial <= float(result.delta.norm()) <= 0.05 * initial * (1 + 1e-5)
-    # an edit that does not hold on its own prompt is optimised again with the clamp doubled, up to the paper's
-    assert clamp_ladder(0.75) == [0.75, 1.5, 3.0, 4.0] and clamp_ladder(4.0) == [4.0] and clamp_ladder(5.0) == [5.0]
-    edit = compute_edit(handle, REQUEST, EditOptions(**{**FAST.__dict__, "steps": 6, "clamp_factor": 0.05}))
-    ladder = clamp_ladder(0.05)
-    tries = edit.stats["clamp_tries"]
-    assert edit.stats["clamp_factor"] == ladder[tries - 1]
-    if tries < len(ladder):  # it stopped because the edit holds
-        assert edit_holds(handle, REQUEST, 1, torch.from_numpy(edit.right), torch.from_numpy(edit.left))
+    # the KL term's reference, taken from the first step (δ = 0), is the unedited model's distribution
+    with torch.no_grad():
+        plain = handle.arch.backbone(input_ids=torch.tensor([rows[1].ids])).last_hidden_state[0, -1]
+    expected = torch.log_softmax(handle.arch.logits(plain).double(), -1)
+    assert torch.allclose(pre.kl_reference, expected, atol=1e-5)
+    # an edit that does not hold on its own prompt is strengthened along δ by 10% steps up to the paper's
+    # clamp, then optimised again with the paper's clamp
+    ladder = scale_ladder(0.75)
+    assert ladder[0] == 1.0 and all(np.isclose(b / a, 1.1) for a, b in zip(ladder, ladder[1:]))
+    assert ladder[-1] <= 4.0 / 0.75 < ladder[-1] * 1.1 and scale_ladder(4.0) == [1.0]
+    options = EditOptions(**{**FAST.__dict__, "steps": 6, "clamp_factor": 0.05})
+    edit = compute_edit(handle, REQUEST, options)
+    stats = edit.stats  # a random model's edit never holds: every multiple, then the paper's clamp, was tried
+    assert (stats["clamp_tries"], stats["clamp_factor"], stats["delta_scale"], stats["holds"]) == (2, 4.0, 1.0, False)
+    assert stats["holds"] == edit_holds(handle, REQUEST, 1, torch.from_numpy(edit.right), torch.from_numpy(edit.left))
+    # the first multiple that holds is kept: here the fourth check says it holds
+    checks = []
+    monkeypatch.setattr(editing, "edit_holds", lambda *args: checks.append(args[-2]) or len(checks) == 4)
+    stats = compute_edit(handle, REQUEST, options).stats
+    assert (stats["clamp_tries"], stats["clamp_factor"], stats["holds"]) == (1, 0.05, True)
+    assert stats["delta_scale"] == scale_ladder(0.05)[3] and len(checks) == 4
+    scales = scale_ladder(0.05)[:4]  # the checked updates are Λ = (v₀ + s·δ − W k*)/(uᵀk*): a line in s
+    slopes = [(checks[i + 1] - checks[i]) / (scales[i + 1] - scales[i]) for i in range(3)]
+    assert float(slopes[0].norm()) > 0 and all(torch.allclose(slope, slopes[0], rtol=1e-3, atol=1e-6) for slope in slopes)
 
 
 def test_ft_baseline_stays_in_its_linf_ball():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from explorer.prompts import InputError
-from explorer.tracing import KINDS, TraceOptions, trace, trace_severed
+from explorer.tracing import KINDS, Cell, TraceOptions, plan_pass, trace, trace_severed, window_layers
 from tests.conftest import FAMILIES, build_tiny
 from tests.oracle import oracle_cell_score, oracle_trace
 
@@ -131,3 +131,20 @@ def test_answer_probabilities_over_vocabulary_blocks_equal_a_float64_softmax(fam
             for memory_mb in (0, 1024):  # one row at a time, all rows at once
                 got = tracing.answer_probabilities(handle, states, answer, memory_mb)
                 np.testing.assert_allclose(got, expected[:, answer].numpy(), atol=2e-6, rtol=0, err_msg=f"block {block}")
+
+
+def test_windows_clipped_at_the_first_layer_share_their_common_blocks():
+    """Cells whose windows start at layer 0 agree below their window ends: each enters where it differs."""
+    layers, window = 18, 10
+    cells = [Cell(3, window_layers(l, window, layers).start, tuple(("mlp", k) for k in window_layers(l, window, layers))) for l in range(layers)]
+    plan = plan_pass(cells, layers)
+    entry = {index: plan.entry[slot] for slot, index in enumerate(plan.order)}
+    donor = {index: plan.donor[slot] for slot, index in enumerate(plan.order)}
+    # windows [0,5), [0,6), ..., [0,10): the cell with window [0,e) takes over from [0,e-1) at block e-1
+    assert [entry[l] for l in range(6)] == [0, 5, 6, 7, 8, 9]
+    assert donor[0] is None and all(plan.order[donor[l]] == l - 1 for l in range(1, 6))
+    # from layer 6 on, windows start above 0 and agree with no other cell below their start
+    assert all(entry[l] == l - window // 2 and donor[l] is None for l in range(6, layers))
+    assert plan.entry == sorted(plan.entry)  # rows in order of entry: each block computes a leading slice
+    hidden = [Cell(3, l + 1, (("hidden", l),)) for l in range(layers)]
+    assert all(d is None for d in plan_pass(hidden, layers).donor)
