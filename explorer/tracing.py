@@ -393,7 +393,9 @@ def plan_pass(cells: Sequence[Cell], num_layers: int) -> PassPlan:
         for other in entry:
             if other == index:
                 continue
-            agree = next((l for l in range(num_layers) if signatures[index][l] != signatures[other][l]), num_layers)
+            # Cells that agree everywhere (windows wider than the model) still compute the last block, where
+            # their final state is read.
+            agree = next((l for l in range(num_layers) if signatures[index][l] != signatures[other][l]), num_layers - 1)
             if agree > entry[index] and entry[other] < agree:
                 entry[index], donor[index] = agree, other
     order = sorted(range(len(cells)), key=lambda i: entry[i])

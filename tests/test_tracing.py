@@ -146,5 +146,8 @@ def test_windows_clipped_at_the_first_layer_share_their_common_blocks():
     # from layer 6 on, windows start above 0 and agree with no other cell below their start
     assert all(entry[l] == l - window // 2 and donor[l] is None for l in range(6, layers))
     assert plan.entry == sorted(plan.entry)  # rows in order of entry: each block computes a leading slice
+    # windows wider than the model agree everywhere: the copies still compute the last block themselves
+    same = plan_pass([Cell(3, 0, tuple(("mlp", k) for k in range(4))) for _ in range(3)], 4)
+    assert same.entry == [0, 3, 3] and same.donor == [None, 0, 0]
     hidden = [Cell(3, l + 1, (("hidden", l),)) for l in range(layers)]
     assert all(d is None for d in plan_pass(hidden, layers).donor)
