@@ -540,25 +540,15 @@ def edit_holds(handle: LoadedModel, request: EditRequest, layer: int, right: tor
     """Whether the model with ΔW = Λ uᵀ added prefers target_new after the edit's own prompt.
 
     Against target_true when the request has one, else against a probability of one half. A small δ
-    can be realised too weakly at the bare prompt's key (its key is not k*): then v* is optimised again
-    with a larger clamp (README, "Editing").
+    can be realised too weakly at the bare prompt's key (its key is not k*): compute_rome then
+    strengthens it (README, "Editing").
     """
     from .scoring import mean_nll
 
-    module = handle.arch.mlp_out(layer)
     u, lam = left.to(handle.device, torch.float32), right.to(handle.device, torch.float32)
-
-    def add_update(_module: torch.nn.Module, inputs: tuple, output: Any) -> Any:
-        extra = (inputs[0].float() @ u).unsqueeze(-1) * lam
-        return hooks.with_first_tensor(output, hooks.first_tensor(output) + extra.to(hooks.first_tensor(output).dtype))
-
-    hook = module.register_forward_hook(add_update)
-    try:
-        with torch.no_grad():
-            targets = [request.target_new] + ([request.target_true] if request.target_true else [])
-            nll = mean_nll(handle, [(request.filled, target) for target in targets])
-    finally:
-        hook.remove()
+    with torch.no_grad(), hooks.adding_to_output(handle.arch.mlp_out(layer), lambda x: (x.float() @ u).unsqueeze(-1) * lam):
+        targets = [request.target_new] + ([request.target_true] if request.target_true else [])
+        nll = mean_nll(handle, [(request.filled, target) for target in targets])
     return bool(nll[0] < nll[1]) if len(nll) > 1 else bool(nll[0] < math.log(2))
 
 
@@ -656,25 +646,18 @@ def compute_ft(handle: LoadedModel, request: EditRequest, layer: int, options: E
     where = [prompt_length - 1 + j for j in range(len(row.targets))]
     wanted = torch.tensor(row.targets, device=device)
 
-    def forward_hook(_module: torch.nn.Module, inputs: tuple, output: Any) -> Any:
-        extra = inputs[0] @ delta.T  # delta is [out, in] whatever the module's own layout
-        return hooks.with_first_tensor(output, hooks.first_tensor(output) + extra)
-
-    handle_hook = arch.mlp_out(layer).register_forward_hook(forward_hook)
-    try:
-        with replaying_below(handle, below):
-            for _ in range(options.ft_steps):
-                states = arch.backbone(input_ids=ids, use_cache=False).last_hidden_state[0, where]
-                loss = torch.nn.functional.cross_entropy(arch.logits(states).float(), wanted)
-                if float(loss.detach()) < 1e-2:
-                    break
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                with torch.no_grad():
-                    delta.clamp_(-options.ft_norm, options.ft_norm)
-    finally:
-        handle_hook.remove()
+    # delta is [out, in] whatever the module's own layout
+    with hooks.adding_to_output(arch.mlp_out(layer), lambda x: x @ delta.T), replaying_below(handle, below):
+        for _ in range(options.ft_steps):
+            states = arch.backbone(input_ids=ids, use_cache=False).last_hidden_state[0, where]
+            loss = torch.nn.functional.cross_entropy(arch.logits(states).float(), wanted)
+            if float(loss.detach()) < 1e-2:
+                break
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                delta.clamp_(-options.ft_norm, options.ft_norm)
     return delta.detach().double().cpu().numpy()
 
 

@@ -49,6 +49,21 @@ def on_output(module: nn.Module, fn: TensorFn) -> Iterator[None]:
 
 
 @contextmanager
+def adding_to_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Add ``fn(first positional input)`` to the module's output tensor (e.g. a weight change ΔW·x)."""
+
+    def hook(_module: nn.Module, inputs: tuple, output: Any) -> Any:
+        tensor = first_tensor(output)
+        return with_first_tensor(output, tensor + fn(inputs[0]).to(tensor.dtype))
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def on_input(module: nn.Module, fn: TensorFn) -> Iterator[None]:
     """Call ``fn`` on the module's first positional input; a returned tensor replaces it."""
 
