@@ -11,9 +11,11 @@ are cached); positions before the restored token are not rerun (their keys and
 values come from the corrupted run's cache); cells before the subject, and
 final-layer hidden cells off the last token, restore a state equal to the
 corrupted one; all cells restoring one token share one batched pass, in which each
-block computes only the rows of cells that start at or below it; the last block's MLP
-runs at the last position only; and the unembedding runs once, at the last position
-only, over all cells together.
+block computes only the rows of cells that start at or below it; in a cell's first
+block, outputs that still equal the corrupted run's are copied from it; MLP outputs
+that a restoration overwrites are not computed, nor the last block's MLP off the last
+position; and the unembedding runs once, at the last position only, over all cells
+together.
 """
 from __future__ import annotations
 
@@ -107,6 +109,7 @@ class CleanAndCorrupted:
     clean: dict[str, list[torch.Tensor]]  # kind -> per layer (n, d)
     corrupted: dict[str, list[torch.Tensor]]  # kind -> per layer (samples, n, d)
     block_template: list[Any]  # one block output per layer, to mimic its structure when skipping it
+    attn_template: list[Any]  # one attention output per layer, likewise
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # corrupted keys/values per layer, or None
     samples: int
 
@@ -206,12 +209,14 @@ def run_clean_and_corrupted(
     with torch.no_grad():
         # Record each block's raw output once, to reproduce its structure (tensor or tuple) when skipping it.
         blocks = {str(layer): arch.block(layer) for layer in range(n_layers)}
+        blocks.update({f"attn.{layer}": arch.attn(layer) for layer in range(n_layers)})
         embeds = arch.embedding(input_ids).repeat(options.samples, 1, 1)
         noise = subject_noise(options.samples, end - start, embeds.shape[-1], options.seed)
         embeds[:, start:end] += noise_std * torch.from_numpy(noise).to(embeds.device, embeds.dtype)
         with hooks.capture_outputs(names) as corrupted_states, hooks.capture_outputs(blocks, raw=True) as raw:
             corrupted_out = arch.backbone(inputs_embeds=embeds, use_cache=True)
         block_template = [raw[str(layer)] for layer in range(n_layers)]
+        attn_template = [raw[f"attn.{layer}"] for layer in range(n_layers)]
         corrupted = {kind: [corrupted_states[f"{kind}.{layer}"] for layer in range(n_layers)] for kind in KINDS}
         answer_id = answer_token(handle, options.target)
         if answer_id is None:
@@ -228,6 +233,7 @@ def run_clean_and_corrupted(
         clean=clean,
         corrupted=corrupted,
         block_template=block_template,
+        attn_template=attn_template,
         kv=_cached_keys_values(handle, corrupted_out.past_key_values, prompt.length),
         samples=options.samples,
     )
@@ -363,9 +369,10 @@ def answer_probabilities(
 class PassPlan:
     """The rows of one batched pass: which cell each row slot holds, and where its computation begins."""
 
-    order: list[int]  # cell index per row slot, sorted by entry
+    order: list[int]  # cell index per row slot, sorted by entry, then fresh after not fresh
     entry: list[int]  # per slot: the first block computed for it
     donor: list[int | None]  # per slot: the earlier slot whose state it takes on entry (None: the corrupted run's)
+    fresh: list[bool]  # per slot: its input at its entry block is still the corrupted run's (nothing changed below)
 
 
 def plan_pass(cells: Sequence[Cell], num_layers: int) -> PassPlan:
@@ -375,16 +382,7 @@ def plan_pass(cells: Sequence[Cell], num_layers: int) -> PassPlan:
     states in every block below some block ``f`` (windows clipped at layer 0 differ only at their ends),
     both have the same state up to ``f``: the later cell enters at ``f`` with the earlier one's state.
     """
-
-    def changes(cell: Cell) -> list[frozenset]:
-        per_layer: list[set] = [set() for _ in range(num_layers)]
-        for kind, layer in cell.restores:
-            per_layer[layer].add((kind, "restore"))
-        for kind, layer in cell.freezes:
-            per_layer[layer].add((kind, "freeze"))
-        return [frozenset(layer) for layer in per_layer]
-
-    signatures = [changes(cell) for cell in cells]
+    signatures = [_changes(cell, num_layers) for cell in cells]
     by_start = sorted(range(len(cells)), key=lambda i: (cells[i].start, max((l for _k, l in cells[i].restores), default=0)))
     entry: dict[int, int] = {}
     donor: dict[int, int | None] = {}
@@ -398,13 +396,25 @@ def plan_pass(cells: Sequence[Cell], num_layers: int) -> PassPlan:
             agree = next((l for l in range(num_layers) if signatures[index][l] != signatures[other][l]), num_layers - 1)
             if agree > entry[index] and entry[other] < agree:
                 entry[index], donor[index] = agree, other
-    order = sorted(range(len(cells)), key=lambda i: entry[i])
+    fresh = {i: donor[i] is None and not any(signatures[i][:entry[i]]) for i in entry}
+    order = sorted(range(len(cells)), key=lambda i: (entry[i], fresh[i]))
     slot = {index: position for position, index in enumerate(order)}
     return PassPlan(
         order=order,
         entry=[entry[i] for i in order],
         donor=[None if donor[i] is None else slot[donor[i]] for i in order],
+        fresh=[fresh[i] for i in order],
     )
+
+
+def _changes(cell: Cell, num_layers: int) -> list[frozenset]:
+    """Per layer, the (kind, "restore"/"freeze") states the cell sets at its token."""
+    per_layer: list[set] = [set() for _ in range(num_layers)]
+    for kind, layer in cell.restores:
+        per_layer[layer].add((kind, "restore"))
+    for kind, layer in cell.freezes:
+        per_layer[layer].add((kind, "freeze"))
+    return [frozenset(layer) for layer in per_layer]
 
 
 def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) -> torch.Tensor:
@@ -413,15 +423,21 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
 
     Rows are ordered by where their computation begins (:func:`plan_pass`), so block ``l`` computes only
     a leading slice of rows; the rows after it are still equal to the corrupted run there and take its
-    recorded output, and a row entering from a donor takes the donor's state.
+    recorded output, and a row entering from a donor takes the donor's state. A *fresh* row (its input at
+    its entry block is the corrupted run's) can differ there only at the restored token and only after the
+    state its cell sets: its attention output is the corrupted run's everywhere, and so is its MLP output
+    away from the token. Those are copied instead of computed, as are MLP outputs a cell overwrites anyway
+    and, in the last block, MLP outputs off the last position (only that one reaches the logits).
     """
-    arch, samples = handle.arch, runs.samples
-    plan = plan_pass(group, handle.num_layers)
+    arch, samples, n_layers = handle.arch, runs.samples, handle.num_layers
+    plan = plan_pass(group, n_layers)
     cells = [group[i] for i in plan.order]
     token = cells[0].token
     prefix = token if runs.kv is not None else 0
     copies = len(cells)
     position = token - prefix  # index of the restored token within the recomputed positions
+    length = runs.prompt.length - prefix  # positions recomputed
+    signatures = [_changes(cell, n_layers) for cell in cells]
 
     # Per module: rows to overwrite at ``position`` and the values to write there. A row entering from a
     # donor already carries the donor's changes below its entry.
@@ -445,15 +461,25 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
 
         return write
 
+    def active_rows(layer: int) -> int:
+        return samples * sum(1 for first in plan.entry if first <= layer)
+
+    def computed_rows(layer: int) -> int:
+        """Rows whose attention block ``layer`` computes: the active ones that are not fresh there."""
+        return samples * sum(1 for first, fresh in zip(plan.entry, plan.fresh) if first < layer or (first == layer and not fresh))
+
     def leading_rows_only(layer: int, forward: Callable[..., Any]) -> Callable[..., Any]:
-        active = samples * sum(1 for first in plan.entry if first <= layer)
+        active = active_rows(layer)
+        # The next block reads only its own active rows (the last block's output is read whole): rows
+        # that have not entered yet are handed on as the corrupted run's output.
+        handed_on = active_rows(layer + 1) if layer + 1 < n_layers else copies * samples
         corrupted = runs.corrupted["hidden"][layer][:, prefix:]
         entering = [(slot, donor) for slot, donor in enumerate(plan.donor) if donor is not None and plan.entry[slot] == layer]
 
         def run(*args: Any, **kwargs: Any) -> Any:
             rows = copies * samples
             if active == 0:
-                return hooks.with_first_tensor(runs.block_template[layer], corrupted.repeat(copies, 1, 1))
+                return hooks.with_first_tensor(runs.block_template[layer], corrupted.repeat(handed_on // samples, 1, 1))
             if entering:
                 states = (args[0] if args else kwargs["hidden_states"]).clone()
                 for slot, donor in entering:
@@ -463,32 +489,71 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
                 else:
                     kwargs = {**kwargs, "hidden_states": states}
             if active < rows:
+                # the first block gets every row; later ones get what the block below handed on
                 args, kwargs = _leading(args, rows, active), _leading(kwargs, rows, active)
-                for cache in [*args, *kwargs.values()]:
-                    if hasattr(cache, "layers") and hasattr(cache, "update"):  # the key/value cache
-                        entry = cache.layers[layer]
-                        entry.keys, entry.values = entry.keys[:active], entry.values[:active]
+                _cut_cache(args, kwargs, layer, active)
             output = forward(*args, **kwargs)
-            if active < rows:
-                rest = corrupted.repeat(copies - active // samples, 1, 1)
+            if active < handed_on:
+                rest = corrupted.repeat((handed_on - active) // samples, 1, 1)
                 output = hooks.with_first_tensor(output, torch.cat([hooks.first_tensor(output), rest]))
             return output
 
         return run
+
+    def fresh_attention_copied(layer: int, forward: Callable[..., Any]) -> Callable[..., Any]:
+        active, computed = active_rows(layer), computed_rows(layer)
+        copied = runs.corrupted["attn"][layer][:, prefix:].repeat((active - computed) // samples, 1, 1)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if computed == 0:
+                return hooks.with_first_tensor(runs.attn_template[layer], copied)
+            args, kwargs = _leading(args, active, computed), _leading(kwargs, active, computed)
+            _cut_cache(args, kwargs, layer, computed)
+            output = forward(*args, **kwargs)
+            return hooks.with_first_tensor(output, torch.cat([hooks.first_tensor(output), copied]))
+
+        return run
+
+    def mlp_tokens(layer: int) -> torch.Tensor | None:
+        """Flat (row, position) indices whose MLP output block ``layer`` must compute; None: all of them."""
+        active, computed = active_rows(layer), computed_rows(layer)
+        need = torch.ones(active, length, dtype=torch.bool)
+        need[computed:] = False
+        need[computed:, position] = True  # a fresh row differs from the corrupted run only at its token
+        if layer == n_layers - 1:
+            need[:, : length - 1] = False
+        for slot in range(active // samples):
+            if {("mlp", "restore"), ("mlp", "freeze"), ("hidden", "restore"), ("hidden", "freeze")} & signatures[slot][layer]:
+                need[slot * samples : (slot + 1) * samples, position] = False  # overwritten after the MLP
+        return None if bool(need.all()) else need.flatten().nonzero()[:, 0]
+
+    def selected_tokens_only(layer: int, forward: Callable[..., Any]) -> Callable[..., Any]:
+        active, computed = active_rows(layer), computed_rows(layer)
+        tokens = mlp_tokens(layer)
+        copied = runs.corrupted["mlp"][layer][:, prefix:].repeat((active - computed) // samples, 1, 1)
+
+        def run(states: torch.Tensor) -> torch.Tensor:
+            flat = states.reshape(-1, states.shape[-1])
+            computed_out = forward(flat.index_select(0, tokens.to(flat.device)).unsqueeze(0))[0]
+            out = computed_out.new_zeros(active, length, computed_out.shape[-1])
+            out[computed:] = copied
+            out.view(-1, out.shape[-1]).index_copy_(0, tokens.to(out.device), computed_out)
+            return out
+
+        return run if tokens is not None else forward
 
     embeds = runs.corrupted_embeds[:, prefix:].repeat(copies, 1, 1)
     kwargs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": prefix > 0}
     if prefix > 0:
         kwargs["past_key_values"] = _prefix_cache(handle, runs, prefix, copies)
     with torch.no_grad(), ExitStack() as stack:
-        for layer in range(handle.num_layers):
-            block = arch.block(layer)
+        for layer in range(n_layers):
+            block, attn, mlp = arch.block(layer), arch.attn(layer), arch.mlp(layer)
             stack.enter_context(hooks.bypass(block, leading_rows_only(layer, block.forward)))
-        # Only the last position of the last block reaches the logits: its MLP (position-wise) runs there
-        # alone and the other positions get zeros. Entered before the writers, so they see the full shape.
-        last_mlp = arch.state_module("mlp", handle.num_layers - 1)
-        stack.enter_context(hooks.on_input(last_mlp, lambda states: states[:, -1:]))
-        stack.enter_context(hooks.on_output(last_mlp, _padded_to(embeds.shape[1])))
+            if active_rows(layer) and computed_rows(layer) < active_rows(layer):
+                stack.enter_context(hooks.bypass(attn, fresh_attention_copied(layer, attn.forward)))
+            if active_rows(layer):
+                stack.enter_context(hooks.bypass(mlp, selected_tokens_only(layer, mlp.forward)))
         for (kind, layer), entries in edits.items():
             stack.enter_context(hooks.on_output(arch.state_module(kind, layer), writer(entries)))
         out = arch.backbone(**kwargs)
@@ -499,16 +564,12 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
     return final[back.to(final.device)]
 
 
-def _padded_to(length: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Left-pad an output computed for the last position only with zeros, to ``length`` positions."""
-
-    def pad(output: torch.Tensor) -> torch.Tensor:
-        if output.shape[1] == length:
-            return output
-        zeros = output.new_zeros(output.shape[0], length - output.shape[1], *output.shape[2:])
-        return torch.cat([zeros, output], dim=1)
-
-    return pad
+def _cut_cache(args: tuple, kwargs: dict, layer: int, keep: int) -> None:
+    """Cut the key/value cache's entries for ``layer`` (among the call's arguments) to their first ``keep`` rows."""
+    for cache in [*args, *kwargs.values()]:
+        if hasattr(cache, "layers") and hasattr(cache, "update"):
+            entry = cache.layers[layer]
+            entry.keys, entry.values = entry.keys[:keep], entry.values[:keep]
 
 
 def _leading(value: Any, rows: int, keep: int) -> Any:

@@ -167,7 +167,7 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
     assert resolved_setting(build_tiny("gpt2"), EditOptions(), "weight_decay") == 0.5
     monkeypatch.setattr(handle, "name", "default")  # the embedded model's measured settings
     assert resolved_setting(handle, EditOptions(), "clamp_factor") == 0.5 and default_layer(handle) == 1
-    assert resolved_setting(handle, EditOptions(), "loss_stop") == 0.15
+    assert resolved_setting(handle, EditOptions(), "loss_stop") == 0.3
     assert resolved_setting(handle, EditOptions(clamp_factor=3.0, weight_decay=0.25), "clamp_factor") == 3.0
     assert resolved_setting(handle, EditOptions(weight_decay=0.25), "weight_decay") == 0.25
     # the clamp holds: ‖δ‖ never exceeds clamp_factor × the MLP output's norm (and binds here)

@@ -146,6 +146,14 @@ def test_windows_clipped_at_the_first_layer_share_their_common_blocks():
     # from layer 6 on, windows start above 0 and agree with no other cell below their start
     assert all(entry[l] == l - window // 2 and donor[l] is None for l in range(6, layers))
     assert plan.entry == sorted(plan.entry)  # rows in order of entry: each block computes a leading slice
+    # a window cell entering at its own first layer starts from the corrupted state there (fresh: its first
+    # block copies what did not change); one entering from a donor carries the donor's changes
+    fresh = {index: plan.fresh[slot] for slot, index in enumerate(plan.order)}
+    assert fresh[0] and not any(fresh[l] for l in range(1, 6)) and all(fresh[l] for l in range(6, layers))
+    # a hidden cell enters above the state it restores, so its first input already differs; within one
+    # entry block the rows that are not fresh come first, so the block computes a leading slice of them
+    mixed = plan_pass([Cell(3, 2, (("mlp", 2),)), Cell(3, 2, (("hidden", 1),)), Cell(3, 1, (("attn", 1),))], 4)
+    assert mixed.order == [2, 1, 0] and mixed.fresh == [True, False, True]
     # windows wider than the model agree everywhere: the copies still compute the last block themselves
     same = plan_pass([Cell(3, 0, tuple(("mlp", k) for k in range(4))) for _ in range(3)], 4)
     assert same.entry == [0, 3, 3] and same.donor == [None, 0, 0]
