@@ -4,7 +4,8 @@
 
 Without --layer, edits use the model's default layer (1 for the embedded model).
 
-The first edit pays the one-time costs (context prefixes, key statistics, unless already cached); the
+The first edit pays the one-time costs (context prefixes, key statistics, unless already cached; and the
+keys/values of the prefixes' own tokens, in the "context" column); the
 following ones show the per-edit cost. Each edit is also checked: P(target_new) before and after.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main() -> None:
     options = EditOptions(
         layer=args.layer, stats=StatsSpec(corpus=args.stats_corpus, tokens=args.stats_tokens), weight_decay=args.weight_decay
     )
-    print(f"{'request':<40}{'total':>8}" + "".join(f"{p:>10}" for p in ("prefixes", "key", "value", "stats", "update"))
+    print(f"{'request':<40}{'total':>8}" + "".join(f"{p:>10}" for p in ("prefixes", "context", "key", "value", "stats", "update"))
           + f"{'steps':>7}{'P(new) before -> after':>26}")
     for prompt, subject, new, true in REQUESTS[: args.repeat]:
         request = make_request(prompt, subject, new, true)
@@ -54,7 +55,7 @@ def main() -> None:
         session.add(edit)
         with session.applied():
             after = target_probabilities(handle, [request.filled], new)[0]
-        phases = "".join(f"{edit.phases.get(p, 0.0):>10.2f}" for p in ("prefixes", "key", "value", "stats", "update"))
+        phases = "".join(f"{edit.phases.get(p, 0.0):>10.2f}" for p in ("prefixes", "context", "key", "value", "stats", "update"))
         label = f"{subject} -> {new.strip()}"
         print(f"{label:<40}{edit.seconds:>8.2f}{phases}{edit.stats['value_steps']:>7}{before:>14.4f} -> {after:.4f}")
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import hooks
-from .edits import Edit, EditRequest
+from .edits import WEIGHTS_STATE, Edit, EditRequest
 from .generation import Sampling, added_token_ids, generate_ids, pad_token, positions_from_mask, start_token
 from .models import LoadedModel, cache_root, model_fingerprint
 from .prompts import InputError, clean_text, is_whole_number, quoted, tokenize_at
@@ -259,6 +259,9 @@ class PromptRow:
     ids: list[int]
     subject_last: int
     targets: list[int]  # token ids predicted after the prompt (teacher-forced); empty for the KL row
+    # Leading tokens that come from the template alone (BOS, a generated prefix and its full stop): the
+    # same in every edit, so their keys and values are computed once (context_keys_values).
+    context: int = 0
 
 
 def _row(handle: LoadedModel, template: str, request: EditRequest, targets: list[int], kl: bool = False) -> PromptRow:
@@ -269,15 +272,23 @@ def _row(handle: LoadedModel, template: str, request: EditRequest, targets: list
     filled = text.replace("{}", request.subject, 1)
     tokenized = tokenize_at(handle.tokenizer, filled, request.subject, (slot, slot + len(request.subject)))
     ids = tokenized.input_ids[0].tolist()
-    return PromptRow(ids=ids + targets[:-1], subject_last=tokenized.subject_range[1] - 1, targets=targets)
+    # The template's own text tokenised alone; where the filled prompt starts with the same tokens, those
+    # do not depend on the request (a token merging into the prompt's first word is not among them).
+    own = handle.tokenizer(template[: template.index("{}")].rstrip(), add_special_tokens=True, split_special_tokens=True)["input_ids"]
+    context = 0
+    while context < min(len(own), tokenized.subject_range[0]) and ids[context] == own[context]:
+        context += 1
+    return PromptRow(ids=ids + targets[:-1], subject_last=tokenized.subject_range[1] - 1, targets=targets, context=context)
 
 
 @dataclass
 class AlignedBatch:
     """Rows laid out so that every subject's last token sits at column ``split``.
 
-    The part before it is left-padded, the part from it on right-padded; positions count real tokens
-    only. Columns before ``split`` never change during the v* optimisation.
+    Columns ``[0, context)`` hold each row's template-only tokens, left-padded; columns ``[context,
+    split)`` the rest before the subject's last token, left-padded too; the part from ``split`` on is
+    right-padded. Positions count real tokens only. Columns before ``split`` never change during the v*
+    optimisation, and those before ``context`` are the same in every edit with the same templates.
     """
 
     ids: torch.Tensor  # [rows, split + suffix]
@@ -285,24 +296,28 @@ class AlignedBatch:
     positions: torch.Tensor
     split: int
     rows: list[PromptRow]
+    context: int = 0
 
     def column(self, row: int, position: int) -> int:
-        """Column of the row's original token ``position``."""
+        """Column of the row's original token ``position`` (one at or after the row's context)."""
         last = self.rows[row].subject_last
         return self.split - last + position
 
 
 def align(rows: list[PromptRow], pad_id: int) -> AlignedBatch:
     """Lay ``rows`` out as an :class:`AlignedBatch`."""
-    split = max(row.subject_last for row in rows)
+    context = max(row.context for row in rows)
+    split = context + max(row.subject_last - row.context for row in rows)
     suffix = max(len(row.ids) - row.subject_last for row in rows)
     ids = torch.full((len(rows), split + suffix), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
-        begin = split - row.subject_last
-        ids[i, begin : begin + len(row.ids)] = torch.tensor(row.ids)
-        mask[i, begin : begin + len(row.ids)] = 1
-    return AlignedBatch(ids=ids, mask=mask, positions=positions_from_mask(mask), split=split, rows=rows)
+        ids[i, context - row.context : context] = torch.tensor(row.ids[: row.context], dtype=torch.long)
+        mask[i, context - row.context : context] = 1
+        begin = split - (row.subject_last - row.context)
+        ids[i, begin : begin + len(row.ids) - row.context] = torch.tensor(row.ids[row.context :])
+        mask[i, begin : begin + len(row.ids) - row.context] = 1
+    return AlignedBatch(ids=ids, mask=mask, positions=positions_from_mask(mask), split=split, rows=rows, context=context)
 
 
 @dataclass
@@ -317,21 +332,24 @@ class Precomputed:
 
 
 def precompute(handle: LoadedModel, batch: AlignedBatch, layer: int) -> Precomputed:
-    """Keys, outputs, the frozen block outputs and the prefix cache, from two short passes.
+    """Keys, outputs, the frozen block outputs and the prefix cache, from short passes.
 
     The columns before ``split`` run through every layer once (their keys/values are replayed in each
-    step); the suffix columns run only up to the edited layer (the layers above are what each step
-    computes). The KL reference is left to the first step, whose δ is still zero.
+    step), the template-only context columns among them once for as long as the templates and weights
+    stay the same (:func:`context_keys_values`); the suffix columns run only up to the edited layer (the
+    layers above are what each step computes). The KL reference is left to the first step, whose δ is
+    still zero.
     """
     arch, device = handle.arch, handle.device
-    split = batch.split
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    split, context = batch.split, batch.context
+    prefix_kv = context_keys_values(handle, batch)
     with torch.no_grad():
-        if split:
+        if split > context:
             prefix = arch.backbone(
-                input_ids=batch.ids[:, :split].to(device),
+                input_ids=batch.ids[:, context:split].to(device),
                 attention_mask=batch.mask[:, :split].to(device),
-                position_ids=batch.positions[:, :split].to(device),
+                position_ids=batch.positions[:, context:split].to(device),
+                past_key_values=prefix_cache(handle, prefix_kv) if prefix_kv else None,
                 use_cache=True,
             )
             prefix_kv = [(layer_cache.keys, layer_cache.values) for layer_cache in prefix.past_key_values.layers]
@@ -352,6 +370,32 @@ def precompute(handle: LoadedModel, batch: AlignedBatch, layer: int) -> Precompu
         below=[raw[str(l)] for l in range(layer)],
         prefix_kv=prefix_kv,
     )
+
+
+def context_keys_values(handle: LoadedModel, batch: AlignedBatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys/values of the batch's context columns (empty without any), kept for the next edit.
+
+    They depend only on the context tokens and the weights: the memo is keyed by both (the weights by
+    :data:`WEIGHTS_STATE`, which every :meth:`EditSession.applied` block sets), so an edit computed while
+    another is applied never reuses values from the unedited model, nor the other way round.
+    """
+    if not batch.context:
+        return []
+    key = (tuple(tuple(row.ids[: row.context]) for row in batch.rows), handle.memo.get(WEIGHTS_STATE))
+    kept = handle.memo.get("edit_context_kv")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    device = handle.device
+    with torch.no_grad():
+        out = handle.arch.backbone(
+            input_ids=batch.ids[:, : batch.context].to(device),
+            attention_mask=batch.mask[:, : batch.context].to(device),
+            position_ids=batch.positions[:, : batch.context].to(device),
+            use_cache=True,
+        )
+    pairs = [(layer_cache.keys, layer_cache.values) for layer_cache in out.past_key_values.layers]
+    handle.memo["edit_context_kv"] = (key, pairs)
+    return pairs
 
 
 def prefix_cache(handle: LoadedModel, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:
@@ -571,6 +615,9 @@ def compute_rome(
     rows.append(_row(handle, "{}", request, [], kl=True))
     kl_row = len(rows) - 1
     batch = align(rows, pad_token(handle))
+    context_keys_values(handle, batch)  # the templates' own tokens: computed once, reused by later edits
+    phases["context"] = time.perf_counter() - began
+    began = time.perf_counter()
     pre = precompute(handle, batch, layer)
     key = pre.keys[: len(templates)].mean(0)
     phases["key"] = time.perf_counter() - began

@@ -161,6 +161,11 @@ def load_edit(path: str | Path) -> Edit:
         raise InputError(f"{path} is not a saved edit (its header is damaged: {type(error).__name__}); save one with --save-edit") from None
 
 
+# Key in ``LoadedModel.memo``: None (or absent) while the weights are the model's own, otherwise a token
+# unique to one :meth:`EditSession.applied` block. Values computed from the weights key on it.
+WEIGHTS_STATE = "weights_state"
+
+
 class EditSession:
     """One user's stack of edits over a shared model; the model is edited only inside :meth:`applied`."""
 
@@ -215,7 +220,10 @@ class EditSession:
         handle = self.handle
         with handle.lock:
             originals: dict[int, torch.Tensor] = {}
+            previous_state = handle.memo.get(WEIGHTS_STATE)
             try:
+                if self.edits:
+                    handle.memo[WEIGHTS_STATE] = object()  # values derived from the weights are not reused in here
                 for edit in self.edits:
                     weight = handle.arch.mlp_out_weight(edit.layer)
                     if edit.layer not in originals:
@@ -228,4 +236,5 @@ class EditSession:
                 with torch.no_grad():
                     for layer, original in originals.items():
                         handle.arch.mlp_out_weight(layer).copy_(original)
+                handle.memo[WEIGHTS_STATE] = previous_state
 

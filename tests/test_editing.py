@@ -83,6 +83,42 @@ def test_fast_value_pass_matches_plain_forward(tiny):
         assert torch.allclose(pre.keys[i], seen["k"][0, row.subject_last], atol=1e-5)
 
 
+def _plain_keys(handle, rows, layer):
+    keys = []
+    for row in rows:
+        with torch.no_grad(), hooks.capture_inputs({"k": handle.arch.mlp_out(layer)}) as seen:
+            handle.arch.backbone(input_ids=torch.tensor([row.ids]))
+        keys.append(seen["k"][0, row.subject_last])
+    return torch.stack(keys)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # with and without a BOS token
+def test_template_context_is_computed_once_per_templates_and_weights(family):
+    """The generated prefixes' keys/values serve the next edit, but never after the weights changed."""
+    handle = build_tiny(family)
+    templates = context_templates(["Some text here", "A much longer prefix with several words in it"])
+    other = make_request("The sport {} plays is", "Michael Jordan", " tennis")
+    batches = [
+        align([_row(handle, t, r, target_ids(handle, r.target_new)) for t in templates], pad_id=0) for r in (REQUEST, other)
+    ]
+    assert batches[0].context > 0 and [row.context for row in batches[0].rows] == [row.context for row in batches[1].rows]
+    edit = compute_edit(handle, REQUEST, FAST)  # first: its own templates' context is not the one kept below
+    precompute(handle, batches[0], 2)
+    kept = handle.memo["edit_context_kv"][1]
+    second = precompute(handle, batches[1], 2)
+    assert handle.memo["edit_context_kv"][1] is kept  # same templates, same weights: reused
+    assert torch.allclose(second.keys, _plain_keys(handle, batches[1].rows, 2), atol=1e-5)
+    session = EditSession(handle)
+    session.add(edit)
+    with session.applied():  # edited weights: computed again, and right for them
+        third = precompute(handle, batches[1], 2)
+        assert handle.memo["edit_context_kv"][1] is not kept
+        assert torch.allclose(third.keys, _plain_keys(handle, batches[1].rows, 2), atol=1e-5)
+    assert not torch.allclose(third.keys, second.keys, atol=1e-3)
+    fourth = precompute(handle, batches[1], 2)  # the original weights again: not the edited ones' values
+    assert torch.allclose(fourth.keys, second.keys, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["rome", "rome-original"])
 def test_rank_one_update_maps_key_to_value_and_undo_is_exact(method):
     handle = build_tiny("llama")
