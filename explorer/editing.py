@@ -345,14 +345,7 @@ def precompute(handle: LoadedModel, batch: AlignedBatch, layer: int) -> Precompu
     prefix_kv = context_keys_values(handle, batch)
     with torch.no_grad():
         if split > context:
-            prefix = arch.backbone(
-                input_ids=batch.ids[:, context:split].to(device),
-                attention_mask=batch.mask[:, :split].to(device),
-                position_ids=batch.positions[:, context:split].to(device),
-                past_key_values=prefix_cache(handle, prefix_kv) if prefix_kv else None,
-                use_cache=True,
-            )
-            prefix_kv = [(layer_cache.keys, layer_cache.values) for layer_cache in prefix.past_key_values.layers]
+            prefix_kv = _columns_keys_values(handle, batch, context, split, prefix_kv)
         blocks = {str(l): arch.block(l) for l in range(layer)}
         with hooks.capture_inputs({"k": arch.mlp_out(layer)}) as keys, hooks.capture_outputs(
             {"v": arch.mlp_out(layer)}
@@ -385,17 +378,25 @@ def context_keys_values(handle: LoadedModel, batch: AlignedBatch) -> list[tuple[
     kept = handle.memo.get("edit_context_kv")
     if kept is not None and kept[0] == key:
         return kept[1]
-    device = handle.device
     with torch.no_grad():
-        out = handle.arch.backbone(
-            input_ids=batch.ids[:, : batch.context].to(device),
-            attention_mask=batch.mask[:, : batch.context].to(device),
-            position_ids=batch.positions[:, : batch.context].to(device),
-            use_cache=True,
-        )
-    pairs = [(layer_cache.keys, layer_cache.values) for layer_cache in out.past_key_values.layers]
+        pairs = _columns_keys_values(handle, batch, 0, batch.context, [])
     handle.memo["edit_context_kv"] = (key, pairs)
     return pairs
+
+
+def _columns_keys_values(
+    handle: LoadedModel, batch: AlignedBatch, start: int, stop: int, earlier: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys/values of columns ``[0, stop)``: those of ``[0, start)`` are ``earlier``, the rest run."""
+    device = handle.device
+    out = handle.arch.backbone(
+        input_ids=batch.ids[:, start:stop].to(device),
+        attention_mask=batch.mask[:, :stop].to(device),
+        position_ids=batch.positions[:, start:stop].to(device),
+        past_key_values=prefix_cache(handle, earlier) if earlier else None,
+        use_cache=True,
+    )
+    return [(layer_cache.keys, layer_cache.values) for layer_cache in out.past_key_values.layers]
 
 
 def prefix_cache(handle: LoadedModel, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Any:

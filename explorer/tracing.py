@@ -373,6 +373,7 @@ class PassPlan:
     entry: list[int]  # per slot: the first block computed for it
     donor: list[int | None]  # per slot: the earlier slot whose state it takes on entry (None: the corrupted run's)
     fresh: list[bool]  # per slot: its input at its entry block is still the corrupted run's (nothing changed below)
+    changes: list[list[frozenset]]  # per slot and layer: the states its cell sets there (_changes)
 
 
 def plan_pass(cells: Sequence[Cell], num_layers: int) -> PassPlan:
@@ -404,6 +405,7 @@ def plan_pass(cells: Sequence[Cell], num_layers: int) -> PassPlan:
         entry=[entry[i] for i in order],
         donor=[None if donor[i] is None else slot[donor[i]] for i in order],
         fresh=[fresh[i] for i in order],
+        changes=[signatures[i] for i in order],
     )
 
 
@@ -437,7 +439,6 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
     copies = len(cells)
     position = token - prefix  # index of the restored token within the recomputed positions
     length = runs.prompt.length - prefix  # positions recomputed
-    signatures = [_changes(cell, n_layers) for cell in cells]
 
     # Per module: rows to overwrite at ``position`` and the values to write there. A row entering from a
     # donor already carries the donor's changes below its entry.
@@ -488,14 +489,10 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
                     args = (states, *args[1:])
                 else:
                     kwargs = {**kwargs, "hidden_states": states}
-            if active < rows:
-                # the first block gets every row; later ones get what the block below handed on
-                args, kwargs = _leading(args, rows, active), _leading(kwargs, rows, active)
-                _cut_cache(args, kwargs, layer, active)
-            output = forward(*args, **kwargs)
+            # the first block gets every row; later ones get what the block below handed on
+            output = _forward_leading(forward, args, kwargs, layer, rows, active)
             if active < handed_on:
-                rest = corrupted.repeat((handed_on - active) // samples, 1, 1)
-                output = hooks.with_first_tensor(output, torch.cat([hooks.first_tensor(output), rest]))
+                output = _followed_by(output, corrupted.repeat((handed_on - active) // samples, 1, 1))
             return output
 
         return run
@@ -507,10 +504,7 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
         def run(*args: Any, **kwargs: Any) -> Any:
             if computed == 0:
                 return hooks.with_first_tensor(runs.attn_template[layer], copied)
-            args, kwargs = _leading(args, active, computed), _leading(kwargs, active, computed)
-            _cut_cache(args, kwargs, layer, computed)
-            output = forward(*args, **kwargs)
-            return hooks.with_first_tensor(output, torch.cat([hooks.first_tensor(output), copied]))
+            return _followed_by(_forward_leading(forward, args, kwargs, layer, active, computed), copied)
 
         return run
 
@@ -523,7 +517,7 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
         if layer == n_layers - 1:
             need[:, : length - 1] = False
         for slot in range(active // samples):
-            if {("mlp", "restore"), ("mlp", "freeze"), ("hidden", "restore"), ("hidden", "freeze")} & signatures[slot][layer]:
+            if {("mlp", "restore"), ("mlp", "freeze"), ("hidden", "restore"), ("hidden", "freeze")} & plan.changes[slot][layer]:
                 need[slot * samples : (slot + 1) * samples, position] = False  # overwritten after the MLP
         return None if bool(need.all()) else need.flatten().nonzero()[:, 0]
 
@@ -564,12 +558,24 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
     return final[back.to(final.device)]
 
 
-def _cut_cache(args: tuple, kwargs: dict, layer: int, keep: int) -> None:
-    """Cut the key/value cache's entries for ``layer`` (among the call's arguments) to their first ``keep`` rows."""
-    for cache in [*args, *kwargs.values()]:
-        if hasattr(cache, "layers") and hasattr(cache, "update"):
-            entry = cache.layers[layer]
-            entry.keys, entry.values = entry.keys[:keep], entry.values[:keep]
+def _forward_leading(forward: Callable[..., Any], args: tuple, kwargs: dict, layer: int, rows: int, keep: int) -> Any:
+    """``forward`` (of block ``layer`` or a module in it) on the first ``keep`` of ``rows`` rows.
+
+    Every batch-first argument is cut to those rows, and so are the key/value cache's entries for
+    ``layer`` (the module appends this pass's keys/values to them).
+    """
+    if keep < rows:
+        args, kwargs = _leading(args, rows, keep), _leading(kwargs, rows, keep)
+        for cache in [*args, *kwargs.values()]:
+            if hasattr(cache, "layers") and hasattr(cache, "update"):
+                entry = cache.layers[layer]
+                entry.keys, entry.values = entry.keys[:keep], entry.values[:keep]
+    return forward(*args, **kwargs)
+
+
+def _followed_by(output: Any, rows: torch.Tensor) -> Any:
+    """``output`` with ``rows`` appended after the rows of its first tensor."""
+    return hooks.with_first_tensor(output, torch.cat([hooks.first_tensor(output), rows]))
 
 
 def _leading(value: Any, rows: int, keep: int) -> Any:
