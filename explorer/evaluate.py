@@ -145,7 +145,8 @@ def counterfact_metrics(handle: LoadedModel, case: Case, generation: bool, seed:
     out: dict[str, float | None] = rewrite_scores(probs["rewrite"], probs["paraphrase"], probs["neighborhood"])
     out["fluency"] = None
     if generation and case.generation:
-        texts = complete(handle, case.generation, GENERATION_TOKENS, Sampling(top_k=GENERATION_TOP_K, seed=seed))
+        # The paper's protocol samples from the whole vocabulary; stored results were measured that way.
+        texts = complete(handle, case.generation, GENERATION_TOKENS, Sampling(top_k=GENERATION_TOP_K, seed=seed), markup=True)
         out["fluency"] = float(np.mean([ngram_entropy(text) for text in texts]))
     out["target_new_prob"], out["target_true_prob"] = (float(v) for v in probs["rewrite"][0])
     return out

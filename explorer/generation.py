@@ -7,7 +7,7 @@ statistics corpus rely on that).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -51,6 +51,15 @@ def added_token_ids(handle: LoadedModel) -> tuple[int, ...]:
     """Ids of the tokenizer's added tokens (specials, markup such as Gemma's ``<b>`` or ``<start_of_image>``)."""
     added = getattr(handle.tokenizer, "added_tokens_decoder", None) or {}
     return tuple(sorted(int(i) for i in added))
+
+
+def markup_token_ids(handle: LoadedModel) -> tuple[int, ...]:
+    """The added tokens a text may not contain: all of them but end of text (which ends a completion).
+
+    Gemma's vocabulary holds image, tool and formatting tokens; a small model asked to continue plain
+    prose sometimes picks ``<start_of_image>`` and, once it has, keeps repeating it.
+    """
+    return tuple(i for i in added_token_ids(handle) if i != handle.tokenizer.eos_token_id)
 
 
 def pad_token(handle: LoadedModel) -> int:
@@ -135,10 +144,20 @@ def generate_ids(
 
 
 def complete(
-    handle: LoadedModel, prompts: Sequence[str], new_tokens: int = 20, sampling: Sampling = GREEDY
+    handle: LoadedModel,
+    prompts: Sequence[str],
+    new_tokens: int = 20,
+    sampling: Sampling = GREEDY,
+    markup: bool = False,
 ) -> list[str]:
-    """The model's continuation of each prompt (the prompt itself not repeated), stopping at end of text."""
+    """The model's continuation of each prompt (the prompt itself not repeated), stopping at end of text.
+
+    Without ``markup`` the continuation is plain text: the tokenizer's added tokens other than end of text
+    are never chosen (:func:`markup_token_ids`); with it, every token of the vocabulary can be.
+    """
     tokenizer = handle.tokenizer
+    if not markup:
+        sampling = replace(sampling, banned=tuple(sorted({*sampling.banned, *markup_token_ids(handle)})))
     rows = [tokenizer(clean_text(p, "generation prompt"), add_special_tokens=True)["input_ids"] for p in prompts]
     if not rows:
         return []

@@ -448,7 +448,8 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                 with gr.Row():
                     downloads = gr.File(label="Downloads (JSON, CSV, ROME npz)", file_count="multiple", interactive=False)
                     with gr.Column():
-                        trace_layer = gr.Textbox(label="Layer to edit (filled with the peak MLP effect at the last subject token)")
+                        trace_layer = gr.Textbox(label="Layer to edit: this trace's peak MLP effect at the last subject token "
+                                                       "(an empty layer in the Edit tab uses the model's default, chosen by evaluation)")
                         to_edit = gr.Button("Edit at this layer")
                 gr.Examples(examples, [prompt, subject], label="Facts from the bundled set")
             with gr.Tab("Edit", id="edit", elem_id="edit-panel"):

@@ -105,3 +105,17 @@ def test_two_processes_starting_at_once_share_one_converted_copy(tmp_path):
     assert len(entries) == 2 and entries[1].endswith(".lock")  # one copy, no temporary or stale folders
     manifest = json.loads((tmp_path / "models" / entries[0] / "manifest.json").read_text())
     assert models._manifest_ok(tmp_path / "models" / entries[0], manifest["source"])
+
+
+def test_completions_are_plain_text_unless_markup_is_asked_for(default_model):
+    from explorer.generation import complete, markup_token_ids
+
+    prompt = "The Eiffel Tower is located in"
+    # Greedily, the default model writes "<start_of_image>" within 30 tokens of this prompt.
+    raw = complete(default_model, [prompt], 30, markup=True)[0]
+    assert "<start_of_image>" in raw
+    text = complete(default_model, [prompt], 30)[0]
+    assert text.startswith(raw[: raw.index("<start_of_image>")])  # the same text up to where the markup began
+    assert "<" not in text and len(text) > len(raw[: raw.index("<start_of_image>")])
+    banned = markup_token_ids(default_model)
+    assert default_model.tokenizer.eos_token_id not in banned and len(banned) > 100
