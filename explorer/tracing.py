@@ -409,6 +409,11 @@ def plan_pass(cells: Sequence[Cell], num_layers: int) -> PassPlan:
     )
 
 
+# States a cell sets at its token that make the block's MLP output there irrelevant: the MLP output itself,
+# or the block output it is added into.
+_OVERWRITE_MLP_OUTPUT = frozenset({("mlp", "restore"), ("mlp", "freeze"), ("hidden", "restore"), ("hidden", "freeze")})
+
+
 def _changes(cell: Cell, num_layers: int) -> list[frozenset]:
     """Per layer, the (kind, "restore"/"freeze") states the cell sets at its token."""
     per_layer: list[set] = [set() for _ in range(num_layers)]
@@ -517,8 +522,8 @@ def _run_group(handle: LoadedModel, runs: CleanAndCorrupted, group: list[Cell]) 
         if layer == n_layers - 1:
             need[:, : length - 1] = False
         for slot in range(active // samples):
-            if {("mlp", "restore"), ("mlp", "freeze"), ("hidden", "restore"), ("hidden", "freeze")} & plan.changes[slot][layer]:
-                need[slot * samples : (slot + 1) * samples, position] = False  # overwritten after the MLP
+            if _OVERWRITE_MLP_OUTPUT & plan.changes[slot][layer]:
+                need[slot * samples : (slot + 1) * samples, position] = False
         return None if bool(need.all()) else need.flatten().nonzero()[:, 0]
 
     def selected_tokens_only(layer: int, forward: Callable[..., Any]) -> Callable[..., Any]:
