@@ -110,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_edit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="rome", help="rome (default), rome-original, ft (or none, for evaluate)")
     parser.add_argument("--layer", type=int, help="layer to edit (default: the model's peak MLP-effect layer)")
-    parser.add_argument("--stats-corpus", default="sample", help="key statistics from: sample (default), identity, wikipedia, text:PATH")
-    parser.add_argument("--stats-tokens", type=int, default=20_000, help="tokens of statistics text (default 20000)")
+    from .stats import CORPORA, StatsSpec
+
+    parser.add_argument("--stats-corpus", default=StatsSpec.corpus,
+                        help=f"key statistics from: {', '.join(CORPORA)} (default {StatsSpec.corpus}: offline Wikipedia text)")
+    parser.add_argument("--stats-tokens", type=int, default=StatsSpec.tokens, help=f"tokens of statistics text (default {StatsSpec.tokens})")
     parser.add_argument("--shrinkage", type=float, default=0.0, help="ridge on the key statistics, share of mean diagonal")
     parser.add_argument("--steps", type=int, default=20, help="at most this many value-optimisation steps (default 20)")
     parser.add_argument("--clamp-factor", type=float, help="‖δ‖ ≤ this × ‖MLP output‖ (default: the model's measured value, else 4)")

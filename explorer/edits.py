@@ -161,11 +161,6 @@ def load_edit(path: str | Path) -> Edit:
         raise InputError(f"{path} is not a saved edit (its header is damaged: {type(error).__name__}); save one with --save-edit") from None
 
 
-# Key in ``LoadedModel.memo``: None (or absent) while the weights are the model's own, otherwise a token
-# unique to one :meth:`EditSession.applied` block. Values computed from the weights key on it.
-WEIGHTS_STATE = "weights_state"
-
-
 class EditSession:
     """One user's stack of edits over a shared model; the model is edited only inside :meth:`applied`."""
 
@@ -216,18 +211,26 @@ class EditSession:
 
     @contextmanager
     def applied(self) -> Iterator[LoadedModel]:
-        """Hold the model's lock with this session's edits applied; restore the exact originals on exit."""
+        """Hold the model's lock with this session's edits applied; restore the exact originals on exit.
+
+        The changed layers' own weights are registered on the model (``originals``), so values derived
+        from the model are still computed on its own weights in here (:func:`models.own_weights`).
+        """
         handle = self.handle
         with handle.lock:
             originals: dict[int, torch.Tensor] = {}
-            previous_state = handle.memo.get(WEIGHTS_STATE)
+            registered: list[int] = []
+            previous_state = handle.weights_state
             try:
                 if self.edits:
-                    handle.memo[WEIGHTS_STATE] = object()  # values derived from the weights are not reused in here
+                    handle.weights_state = object()  # values computed from the weights are not reused in here
                 for edit in self.edits:
                     weight = handle.arch.mlp_out_weight(edit.layer)
                     if edit.layer not in originals:
                         originals[edit.layer] = weight.detach().clone()
+                        if edit.layer not in handle.originals:  # an enclosing block already holds the model's own
+                            handle.originals[edit.layer] = originals[edit.layer]
+                            registered.append(edit.layer)
                     with torch.no_grad():
                         updated = weight.double() + edit.update().to(weight.device)
                         weight.copy_(updated.to(weight.dtype))
@@ -236,5 +239,6 @@ class EditSession:
                 with torch.no_grad():
                     for layer, original in originals.items():
                         handle.arch.mlp_out_weight(layer).copy_(original)
-                handle.memo[WEIGHTS_STATE] = previous_state
-
+                for layer in registered:
+                    del handle.originals[layer]
+                handle.weights_state = previous_state

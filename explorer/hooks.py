@@ -155,7 +155,27 @@ def stopping_after(module: nn.Module) -> Iterator[None]:
     def hook(_module: nn.Module, _inputs: Any, _output: Any) -> None:
         raise _ForwardStopped
 
-    handle = module.register_forward_hook(hook)
+    with _stopping(module.register_forward_hook(hook)):
+        yield
+
+
+@contextmanager
+def stopping_before(module: nn.Module, fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """End any forward pass in the body when ``module`` is reached, after ``fn(its first input)``.
+
+    For passes that need only a module's input (ROME's keys): neither it nor anything above it runs.
+    """
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        fn(args[0])
+        raise _ForwardStopped
+
+    with _stopping(module.register_forward_pre_hook(hook)):
+        yield
+
+
+@contextmanager
+def _stopping(handle: Any) -> Iterator[None]:
     try:
         yield
     except _ForwardStopped:

@@ -6,15 +6,19 @@ in seconds. Any Hugging Face causal LM can be loaded by hub name or local folder
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import RLock
+from typing import TypeVar
 
 import torch
 from filelock import FileLock
@@ -29,6 +33,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEVICES = ("cpu", "cuda", "auto")
 
 Progress = Callable[[float, str], None]
+T = TypeVar("T")
+# Configuration entries that say where or how a model was stored, not what it computes.
+CONFIG_BOOKKEEPING = frozenset({
+    "_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "quantization_config",
+    "architectures", "use_cache", "return_dict", "output_attentions", "output_hidden_states", "_attn_implementation",
+    "_attn_implementation_autoset", "_attn_implementation_internal", "tokenizer_class",
+})
+FINGERPRINT_VALUES = 4096  # values read from each parameter (evenly spaced) for the fingerprint
+FINGERPRINT_TEXT = "The Eiffel Tower is located in the city of Paris. Ünïcode, numbers 12345 and code {x: 1}."
 
 
 class ModelLoadError(RuntimeError):
@@ -49,6 +62,13 @@ class LoadedModel:
     arch: Architecture
     lock: RLock = field(default_factory=RLock, repr=False)
     memo: dict = field(default_factory=dict, repr=False)  # per-model derived values (σ, default layer, ...)
+    # The model's own MLP output weights of the layers an open EditSession.applied() block changed, so that
+    # values derived from the model (see own_weights) never see an edit.
+    originals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # None while the weights are the model's own; a token unique to each applied() block otherwise, which
+    # values computed from the current weights key on.
+    weights_state: object | None = field(default=None, repr=False)
+    _deriving: dict = field(default_factory=dict, repr=False)  # key -> lock of the thread computing it
 
     @property
     def num_layers(self) -> int:
@@ -72,22 +92,86 @@ class LoadedModel:
 
 
 def model_fingerprint(handle: LoadedModel) -> str:
-    """A short id of the model's identity for on-disk caches (statistics, prefixes).
+    """A short id of the model for on-disk caches (statistics, prefixes, default layer) and saved edits.
 
-    Hashes the name, the configuration and the token embedding, which edits never touch, so the id
-    is the same whether or not an edit is applied at the moment it is asked for.
+    It depends on what the model computes, not on how it was loaded: the family, the configuration
+    without its bookkeeping entries (paths, versions, dtype labels), the tokenizer's ids for a fixed text
+    and values read from every parameter of the model's own weights (an applied edit is not seen). The
+    converted default model and its cached copy, the app and the CLI all get the same id.
     """
-    if "fingerprint" not in handle.memo:
-        import hashlib
+    return derived(handle, "fingerprint", lambda: _fingerprint(handle))
 
-        digest = hashlib.sha256()
-        digest.update(handle.name.encode())
-        digest.update(handle.model.config.to_json_string(use_diff=False).encode())
-        embedding = handle.arch.embedding.weight.detach()
-        digest.update(embedding[:: max(1, embedding.shape[0] // 64)].float().cpu().numpy().tobytes())
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in Path(handle.name).name)[:40]
-        handle.memo["fingerprint"] = f"{safe}-{digest.hexdigest()[:12]}"
-    return handle.memo["fingerprint"]
+
+def _fingerprint(handle: LoadedModel) -> str:
+    digest = hashlib.sha256()
+    config = {key: value for key, value in handle.model.config.to_dict().items() if key not in CONFIG_BOOKKEEPING}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(handle.tokenizer(FINGERPRINT_TEXT)["input_ids"]).encode())
+    digest.update(str(len(handle.tokenizer)).encode())
+    with own_weights(handle), torch.no_grad():
+        for name, parameter in sorted(handle.model.named_parameters()):
+            digest.update(f"{name}{tuple(parameter.shape)}".encode())
+            if parameter.device.type == "meta":  # offloaded by accelerate: its values are not in memory
+                continue
+            flat = parameter.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // FINGERPRINT_VALUES)]
+            digest.update(sample.float().cpu().numpy().tobytes())
+    return f"{handle.arch.model_type}-{digest.hexdigest()[:16]}"
+
+
+@contextmanager
+def own_weights(handle: LoadedModel) -> Iterator[LoadedModel]:
+    """Hold the model's lock with its own weights in place, also inside an ``EditSession.applied()`` block.
+
+    Values derived from the model (σ, key statistics, context prefixes, the default layer, the
+    fingerprint) are cached under the model's fingerprint, so they must never be computed on edited
+    weights, whoever asks for them. Edited matrices are swapped out for the body and back afterwards.
+    """
+    with handle.lock:
+        edited: dict[int, torch.Tensor] = {}
+        state = handle.weights_state
+        try:
+            with torch.no_grad():
+                for layer, original in handle.originals.items():
+                    weight = handle.arch.mlp_out_weight(layer)
+                    edited[layer] = weight.detach().clone()
+                    weight.copy_(original)
+            handle.weights_state = None
+            yield handle
+        finally:
+            with torch.no_grad():
+                for layer, values in edited.items():
+                    handle.arch.mlp_out_weight(layer).copy_(values)
+            handle.weights_state = state
+
+
+def derived(handle: LoadedModel, key: object, compute: Callable[[], T], waiting: Progress | None = None) -> T:
+    """``compute()`` once per model and key (memoised); ``compute`` runs its passes inside :func:`own_weights`.
+
+    A thread that asks while another computes the same key waits for that result instead of computing it
+    again (``waiting`` is called about twice a second meanwhile, so a waiting job can be cancelled), except
+    a thread that holds the model's lock: the computing thread may need that lock, so it computes itself.
+    """
+    if key in handle.memo:
+        return handle.memo[key]
+    with _registry_lock:
+        computing = handle._deriving.setdefault(key, threading.Lock())
+    holds_model = handle.lock._is_owned()  # CPython's RLock knows its owner; there is no public way to ask
+    acquired = computing.acquire(blocking=False)
+    while not acquired and not holds_model:
+        if waiting is not None:
+            waiting(0.0, "waiting for the model's preparation")
+        acquired = computing.acquire(timeout=0.5)
+    try:
+        if key not in handle.memo:
+            handle.memo[key] = compute()
+        return handle.memo[key]
+    finally:
+        if acquired:
+            computing.release()
+
+
+_registry_lock = threading.Lock()
 
 
 def cache_root() -> Path:

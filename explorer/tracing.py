@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import hooks
-from .models import LoadedModel
+from .models import LoadedModel, derived, own_weights
 from .prompts import InputError, TokenizedPrompt, clean_text, guess_subject, is_whole_number, tokenize_prompt
 
 KINDS = ("hidden", "mlp", "attn")
@@ -140,15 +140,14 @@ def subject_noise(samples: int, n_subject_tokens: int, hidden: int, seed: int) -
 def embedding_std(handle: LoadedModel, subjects: Sequence[str] | None = None) -> float:
     """σ: standard deviation of the embedding-output vectors of subject tokens (cached per model)."""
     if subjects is None:
-        if "embedding_std" not in handle.memo:
-            from .facts import load_facts
+        from .facts import load_facts
 
-            handle.memo["embedding_std"] = embedding_std(handle, sorted({fact.subject for fact in load_facts()}))
-        return handle.memo["embedding_std"]
+        every_subject = sorted({fact.subject for fact in load_facts()})
+        return derived(handle, "embedding_std", lambda: embedding_std(handle, every_subject))
     ids = []
     for subject in subjects:
         ids.extend(handle.tokenizer(subject, add_special_tokens=False)["input_ids"])
-    with torch.no_grad():
+    with own_weights(handle), torch.no_grad():
         vectors = handle.arch.embedding(torch.tensor([ids], device=handle.device))
     return float(vectors.float().std())
 

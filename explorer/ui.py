@@ -17,13 +17,14 @@ import numpy as np
 from . import export, plots
 from .aggregate import average_effects, average_severed, known_prompts
 from .compare import GENERATION_TOKENS, Probes, compare, with_true_target
-from .editing import METHODS, EditOptions, compute_edit, make_request, validate_options
+from .editing import METHODS, EditOptions, compute_edit, make_request, prepare, validate_options
 from .edits import EditSession
 from .evaluate import read_dataset
 from .facts import ASSETS, load_facts
 from .generation import complete
 from .limits import AppLimits
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
+from .preparation import Preparation
 from .prompts import InputError
 from .tracing import KINDS, TraceCancelled, TraceOptions, TraceResult, trace
 
@@ -36,6 +37,7 @@ TRACE_EXAMPLES = 8  # facts from the bundled set offered as clickable trace exam
 
 _model_lock = threading.Lock()
 _models: OrderedDict[str, LoadedModel] = OrderedDict()
+_preparations: dict[str, Preparation] = {}
 
 
 def shared_model(name: str = DEFAULT_MODEL, progress=None) -> LoadedModel:
@@ -47,6 +49,13 @@ def shared_model(name: str = DEFAULT_MODEL, progress=None) -> LoadedModel:
                 _models.popitem(last=False)
         _models.move_to_end(name)
         return _models[name]
+
+
+def start_preparation(name: str) -> Preparation:
+    """Load ``name`` and prepare its default edit in the background, once per model."""
+    with _model_lock:
+        preparation = _preparations.setdefault(name, Preparation(name))
+    return preparation.start(lambda progress: shared_model(name, progress=progress), EDIT_OPTIONS)
 
 
 class Workspace:
@@ -244,8 +253,11 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
                     new_tokens=min(GENERATION_TOKENS, LIMITS.max_new_tokens))
     report = reporter(workspace, progress)
     request = with_true_target(handle, request, session)
+    # Outside applied(): the layer, prefixes and C belong to the model's own weights, and a request arriving
+    # during the start-up preparation waits here for that work (without holding the model's lock).
+    prepared = prepare(handle, options, lambda f, m: report(0.2 * f, m))
     with session.applied():
-        edit = compute_edit(handle, request, options, progress=report)
+        edit = compute_edit(handle, request, options, progress=report, prepared=prepared)
     result = compare(session, edit, probes)
     session.add(edit)
     rows = comparison_rows(request, probes, result)
@@ -369,6 +381,22 @@ def model_summary(handle: LoadedModel) -> str:
             f"{parameters / 1e6:.0f}M parameters")
 
 
+def model_status(workspace: Workspace):
+    """The model status line: this session's model and its background preparation; the poll stops once it is done."""
+    name = workspace.model_name
+    preparation = _preparations.get(name)
+    status = preparation.status() if preparation else None
+    loaded = _models.get(name)
+    line = model_summary(loaded) if loaded is not None else f"Model: **{plots.safe_label(name)}**"
+    if status is None:
+        line += "" if loaded is not None else " (loaded on first use)"
+    elif status.running:
+        line += f" · {plots.safe_label(status.message)} ({100 * status.fraction:.0f}%)"
+    else:
+        line += f" · {'could not prepare: ' if status.failed else ''}{plots.safe_label(status.message)}"
+    return line, gr.Timer(active=bool(status and status.running))
+
+
 def allowed_models() -> set[str] | None:
     """Models the model field may load: ``ROME_EXPLORER_MODELS`` (comma-separated) plus the default; None = any."""
     listed = {name.strip() for name in os.environ.get("ROME_EXPLORER_MODELS", "").split(",") if name.strip()}
@@ -384,7 +412,9 @@ def load_session_model(name, workspace: Workspace, progress=gr.Progress()):
         raise InputError(f"this app only loads {', '.join(sorted(allowed))}; run it yourself to try other models")
     handle = shared_model(name, progress=lambda f, m: progress(f, desc=m))
     workspace.switch_model(name, handle)
-    return model_summary(handle), active_rows(workspace.session), workspace
+    start_preparation(name)  # the model is loaded: this prepares its first edit in the background
+    line, poll = model_status(workspace)
+    return line, active_rows(workspace.session), workspace, poll
 
 
 @functools.lru_cache(maxsize=1)
@@ -428,7 +458,8 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                 model_field = gr.Textbox(label="Model: 'default' (embedded Gemma 3 270M), a Hugging Face name or a local folder",
                                          value=model_name, scale=4)
                 load_button = gr.Button("Load", scale=1)
-            model_status = gr.Markdown(f"Model: **{plots.safe_label(model_name)}** (loaded on first use)")
+            model_status = gr.Markdown(f"Model: **{plots.safe_label(model_name)}** (loaded on first use)", elem_id="model-status")
+            status_poll = gr.Timer(1.0)
         with gr.Tabs() as tabs:
             with gr.Tab("Trace", id="trace", elem_id="trace-panel"):
                 with gr.Row():
@@ -511,7 +542,10 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                 average_plot = gr.Plot(label="Average effects")
                 average_file = gr.File(label="Download (JSON)", interactive=False)
 
-        load_button.click(load_session_model, [model_field, workspace], [model_status, edits, workspace], api_name="load_model")
+        load_button.click(load_session_model, [model_field, workspace], [model_status, edits, workspace, status_poll], api_name="load_model")
+        # Not queued behind a running job: the status line moves while a trace or an edit runs.
+        status_poll.tick(model_status, [workspace], [model_status, status_poll], concurrency_limit=None, show_progress="hidden",
+                         api_name=False)
         trace_event = button.click(
             run_trace, [prompt, subject, kinds, samples, window, noise, workspace, target],
             [*plots_out, caption, subject, downloads, trace_layer, workspace], api_name="trace",
@@ -545,20 +579,13 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
     return demo
 
 
-def _preload(name: str) -> None:
-    try:
-        shared_model(name)
-    except Exception as error:  # noqa: BLE001 - shown again, with its reason, to the first user who needs the model
-        print(f"could not load {name!r} at start: {error}", flush=True)
-
-
 def launch(model_name: str | None = None) -> None:
     """Start the app: ``ROME_EXPLORER_MODEL`` (or ``model_name``) on 127.0.0.1 unless GRADIO_SERVER_NAME says otherwise."""
     model_name = model_name or os.environ.get("ROME_EXPLORER_MODEL", DEFAULT_MODEL)
     demo = build_app(model_name)
-    # Load the model while the page is already served, so the first click does not wait for it; a failure
-    # here is reported by the first request that needs the model, which loads it again.
-    threading.Thread(target=_preload, args=(model_name,), daemon=True, name="preload-model").start()
+    # Load the model and prepare its first edit while the page is already served; a failure is shown in the
+    # status line, and the first request that needs the model tries again and says why.
+    start_preparation(model_name)
     # One job at a time on the shared model; past ``queue_size`` waiting requests Gradio answers "queue is full".
     demo.queue(default_concurrency_limit=1, max_size=LIMITS.queue_size)
     demo.launch()

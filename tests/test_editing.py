@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, build_tiny
-from explorer import editing, hooks
+from explorer import editing, hooks, stats
 from explorer.editing import (
     EditOptions,
     _row,
@@ -137,7 +137,7 @@ def test_rank_one_update_maps_key_to_value_and_undo_is_exact(method):
         mapped = module(torch.from_numpy(edit.key).float().unsqueeze(0))[0]
         assert torch.allclose(mapped.double(), torch.from_numpy(edit.value), atol=1e-4)
     assert torch.equal(weight, original), "undo must restore the weights bit for bit"
-    assert edit.stats["corpus"] == "sample" and edit.stats["samples"] > 0
+    assert edit.stats["corpus"] == "wikipedia" and 600 <= edit.stats["samples"] < 600 + stats.SEQUENCE_TOKENS
 
 
 def test_rome_update_solves_the_paper_equation():
@@ -365,12 +365,14 @@ def test_context_prefixes_are_seeded_cached_and_plain_text():
     assert context_templates(first)[0] == "{}" and context_templates(first)[1] == first[0] + ". {}"
 
 
-def test_second_moments_from_text_are_cached_and_symmetric(tmp_path):
-    from explorer import stats
+def test_second_moments_from_text_are_cached_and_symmetric(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROME_EXPLORER_CACHE", str(tmp_path / "cache"))
+
 
     handle = build_tiny("qwen3")
-    (tmp_path / "a.txt").write_text("The Eiffel Tower is in Paris. The Colosseum is in Rome. " * 40)
-    spec = StatsSpec(corpus=f"text:{tmp_path}", tokens=400)
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("The Eiffel Tower is in Paris. The Colosseum is in Rome. " * 40)
+    spec = StatsSpec(corpus=f"text:{tmp_path / 'text'}", tokens=400)
     moment = stats.second_moment(handle, 2, spec)
     matrix = moment.matrix
     assert torch.allclose(matrix, matrix.T) and float(torch.linalg.eigvalsh(matrix).min()) > -1e-6
@@ -385,18 +387,22 @@ def test_second_moments_from_text_are_cached_and_symmetric(tmp_path):
     keys = torch.cat(keys).double()
     assert torch.allclose(matrix, keys.T @ keys / len(keys), atol=1e-5)
     handle.memo.clear()
-    again = stats.second_moment(handle, 2, spec)  # from disk, every layer computed in the first pass
+    again = stats.second_moment(handle, 2, spec)  # from disk
     assert torch.allclose(again.matrix, matrix, atol=1e-6) and again.count == moment.count
-    assert stats._load_layer(stats.stats_folder(handle, spec), 0) is not None
-    (stats.stats_folder(handle, spec) / "layer_2.pt").write_bytes(b"damaged")
+    folder = stats.stats_folder(handle, spec)
+    assert sorted(path.name for path in folder.iterdir()) == ["layer_2.pt"], "only the layer asked for is computed"
+    deeper = stats.second_moment(handle, 3, spec)  # a later edit at another layer computes what it lacks
+    assert sorted(path.name for path in folder.iterdir()) == ["layer_2.pt", "layer_3.pt"]
+    assert not torch.allclose(deeper.matrix, matrix) and deeper.count == moment.count
+    (folder / "layer_2.pt").write_bytes(b"damaged")
     handle.memo.clear()
     assert torch.allclose(stats.second_moment(handle, 2, spec).matrix, matrix, atol=1e-6)  # recomputed
 
 
-def test_wikipedia_without_network_is_a_clear_error(monkeypatch):
+def test_online_wikipedia_without_datasets_is_a_clear_error(monkeypatch):
     import builtins
 
-    from explorer import stats
+
 
     real_import = builtins.__import__
 
@@ -407,4 +413,4 @@ def test_wikipedia_without_network_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(InputError, match="datasets"):
-        stats.second_moment(build_tiny("gpt2"), 1, StatsSpec(corpus="wikipedia", tokens=1000))
+        stats.second_moment(build_tiny("gpt2"), 1, StatsSpec(corpus="wikipedia-online", tokens=1000))

