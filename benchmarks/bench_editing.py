@@ -1,6 +1,6 @@
 """Edit benchmark on the default model: seconds per phase of one ROME edit, and the one-time costs.
 
-    python benchmarks/bench_editing.py [--layer N] [--stats-tokens 20000] [--repeat 2]
+    python benchmarks/bench_editing.py [--layer N] [--stats-corpus wikipedia] [--stats-tokens 100000] [--repeat 2]
 
 Without --layer, edits use the model's default layer (1 for the embedded model).
 
@@ -33,8 +33,8 @@ REQUESTS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layer", type=int, default=None)
-    parser.add_argument("--stats-tokens", type=int, default=20_000)
-    parser.add_argument("--stats-corpus", default="sample")
+    parser.add_argument("--stats-tokens", type=int, default=StatsSpec.tokens)
+    parser.add_argument("--stats-corpus", default=StatsSpec.corpus)
     parser.add_argument("--weight-decay", type=float, default=EditOptions().weight_decay)
     parser.add_argument("--repeat", type=int, default=len(REQUESTS))
     args = parser.parse_args()

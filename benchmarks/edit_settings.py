@@ -3,8 +3,9 @@
     python benchmarks/edit_settings.py [--limit 10] [--layer 1] [--variants rome,rome-clamp4,...] [--json OUT]
 
 Variants (all on the default model, the project's CounterFact sample set, generation skipped; C from
-20k tokens sampled from the model unless said otherwise):
+20k tokens sampled from the model unless said otherwise, as when these variants were measured):
   rome            the model's measured settings (explorer.editing.MODEL_SETTINGS / FAMILY_SETTINGS)
+  rome-wikipedia  the same with C from 100k tokens of offline Wikipedia (the default corpus now)
   rome-clamp4     ‖δ‖ ≤ 4 × ‖MLP output‖ and stop below loss 0.05 (the paper's), weight decay 1e-3
   rome-clamp2     the same with ‖δ‖ ≤ 2 × ‖MLP output‖
   rome-clamp1     the same with ‖δ‖ ≤ 1 × ‖MLP output‖
@@ -45,6 +46,7 @@ def variants(layer: int) -> dict[str, tuple[str, EditOptions]]:
     clamped = {factor: replace(base, clamp_factor=factor, loss_stop=0.05, weight_decay=1e-3) for factor in (4.0, 2.0, 1.0)}
     return {
         "rome": ("rome", base),
+        "rome-wikipedia": ("rome", replace(base, stats=StatsSpec())),
         "rome-clamp4": ("rome", clamped[4.0]),
         "rome-clamp2": ("rome", clamped[2.0]),
         "rome-clamp1": ("rome", clamped[1.0]),

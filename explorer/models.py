@@ -156,7 +156,7 @@ def derived(handle: LoadedModel, key: object, compute: Callable[[], T], waiting:
         return handle.memo[key]
     with _registry_lock:
         computing = handle._deriving.setdefault(key, threading.Lock())
-    holds_model = handle.lock._is_owned()  # CPython's RLock knows its owner; there is no public way to ask
+    holds_model = holds_lock(handle)
     acquired = computing.acquire(blocking=False)
     while not acquired and not holds_model:
         if waiting is not None:
@@ -172,6 +172,11 @@ def derived(handle: LoadedModel, key: object, compute: Callable[[], T], waiting:
 
 
 _registry_lock = threading.Lock()
+
+
+def holds_lock(handle: LoadedModel) -> bool:
+    """Whether the calling thread holds the model's lock (inside ``EditSession.applied()``, for one)."""
+    return handle.lock._is_owned()  # CPython's RLock knows its owner; there is no public way to ask
 
 
 def cache_root() -> Path:

@@ -24,6 +24,12 @@ class Status:
     message: str
     running: bool
     failed: bool = False
+    loaded: bool = False  # the model is loaded (its edits may still be being prepared)
+
+    def to_json(self) -> dict:
+        """The status as plain values (the app's ``/model_status`` endpoint)."""
+        return {"fraction": self.fraction, "message": self.message, "running": self.running, "failed": self.failed,
+                "loaded": self.loaded}
 
 
 class Preparation:
@@ -33,6 +39,7 @@ class Preparation:
         self.name = name
         self._lock = threading.Lock()
         self._status = Status(0.0, "waiting to start", running=True)
+        self._loaded = False
         self._thread: threading.Thread | None = None
 
     def start(self, load: Callable[..., LoadedModel], options: EditOptions) -> Preparation:
@@ -56,11 +63,13 @@ class Preparation:
 
     def _report(self, fraction: float, message: str, running: bool = True, failed: bool = False) -> None:
         with self._lock:
-            self._status = Status(min(1.0, max(0.0, fraction)), message, running, failed)
+            loaded = self._status.loaded or self._loaded
+            self._status = Status(min(1.0, max(0.0, fraction)), message, running, failed, loaded)
 
     def _run(self, load: Callable[..., LoadedModel], options: EditOptions) -> None:
         try:
             handle = load(progress=lambda f, m: self._report(0.3 * f, f"loading the model: {m}"))
+            self._loaded = True
             self._report(0.3, "loaded; preparing edits")
             prepared = prepare(handle, options, lambda f, m: self._report(0.3 + 0.7 * f, f"preparing edits: {m}"))
         except (InputError, ModelLoadError) as error:  # a clear message already

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from . import hooks
 from .atomic import write_atomically
 from .generation import Sampling, generate_ids, pad_token, right_padded, start_token
-from .models import LoadedModel, cache_root, derived, model_fingerprint, own_weights
+from .models import LoadedModel, cache_root, derived, holds_lock, model_fingerprint, own_weights
 from .prompts import InputError, is_whole_number, quoted
 
 Progress = Callable[[float, str], None]
@@ -319,7 +319,14 @@ def _stored_second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, prog
     folder = stats_folder(handle, spec)
     folder.mkdir(parents=True, exist_ok=True)
     width = handle.arch.mlp_out_weight(layer).shape[1]
-    with FileLock(str(folder) + ".lock"):  # another process computing the same C: wait, then read its file
+    # Another process computing the same C: wait for it, then read its file. A thread holding the model's
+    # lock must not wait for a pass of this process (that pass needs the lock): it computes C itself.
+    file_lock = FileLock(str(folder) + ".lock", timeout=0 if holds_lock(handle) else -1)
+    try:
+        file_lock.acquire()
+    except Timeout:
+        pass
+    try:
         loaded = _load_layer(folder, layer, width)
         if loaded is None:
             progress(0.0, f"reading the statistics corpus: {_describe_corpus(spec)}, {spec.tokens:,} tokens")
@@ -329,6 +336,9 @@ def _stored_second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, prog
             for computed, matrix in moments.items():
                 _save_layer(folder, computed, matrix, count)
             loaded = (moments[layer], count)
+    finally:
+        if file_lock.is_locked:
+            file_lock.release()
     return SecondMoment(matrix=loaded[0], layer=layer, spec=spec, count=loaded[1])
 
 

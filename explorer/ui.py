@@ -397,6 +397,14 @@ def model_status(workspace: Workspace):
     return line, gr.Timer(active=bool(status and status.running))
 
 
+def preparation_status(name: str) -> dict:
+    """Where the background preparation of model ``name`` stands, for scripts that wait for it."""
+    preparation = _preparations.get(name)
+    if preparation is None:
+        return {"model": name, "fraction": 0.0, "message": "not started", "running": False, "failed": False, "loaded": name in _models}
+    return {"model": name, **preparation.status().to_json()}
+
+
 def allowed_models() -> set[str] | None:
     """Models the model field may load: ``ROME_EXPLORER_MODELS`` (comma-separated) plus the default; None = any."""
     listed = {name.strip() for name in os.environ.get("ROME_EXPLORER_MODELS", "").split(",") if name.strip()}
@@ -572,6 +580,12 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
         severed_event = severed_button.click(
             run_severed, [upload, limit, average_samples, workspace], [average_plot, average_summary, average_file], api_name="severed",
         )
+
+        def model_status_api(model: str = "") -> dict:
+            """Where the background preparation of ``model`` (empty: the app's own) stands: loaded, running, message."""
+            return preparation_status(str(model or "").strip() or model_name)
+
+        gr.api(model_status_api, api_name="model_status", concurrency_limit=None)
         jobs = [trace_event, edit_event, compare_event, average_event, severed_event]
         for stop in (cancel, edit_cancel, average_cancel):
             # Its own concurrency group, so a cancel is never queued behind the job it cancels.

@@ -691,31 +691,31 @@ def _torch_writer(make):
     return write
 
 
+def _stored_layer(matrix=lambda width: torch.eye(width), **fields):
+    """A layer file as the cache writes it ({format, count, matrix}), with some fields replaced."""
+    return _torch_writer(lambda width: {"format": stats.STATS_FORMAT, "count": 5, "matrix": matrix(width), **fields})
+
+
 _STATS_LAYER_DAMAGE = {
     **{name: damage for name, damage in _FILE_DAMAGE.items() if not name.startswith("json")},
-    "wrong-width": _torch_writer(lambda width: torch.eye(width + 1)),
-    "not-square": _torch_writer(lambda width: torch.ones(width, width + 2)),
-    "vector": _torch_writer(lambda width: torch.ones(width)),
-    "integers": _torch_writer(lambda width: torch.ones(width, width, dtype=torch.long)),
-    "not-finite": _torch_writer(lambda width: torch.full((width, width), float("nan"))),
-    "not-a-tensor": _torch_writer(lambda width: {"matrix": [1.0, 2.0]}),
-}
-_STATS_META_DAMAGE = {
-    **_FILE_DAMAGE,
-    "no-count": _writer({"format": stats.STATS_FORMAT}),
-    "count-text": _writer({"format": stats.STATS_FORMAT, "count": "many"}),
-    "count-negative": _writer({"format": stats.STATS_FORMAT, "count": -3}),
-    "count-zero": _writer({"format": stats.STATS_FORMAT, "count": 0}),
-    "count-list": _writer({"format": stats.STATS_FORMAT, "count": [1]}),
-    "other-format": _writer({"format": stats.STATS_FORMAT + 1, "count": 5}),
+    "bare-tensor": _torch_writer(lambda width: torch.eye(width)),
+    "wrong-width": _stored_layer(lambda width: torch.eye(width + 1)),
+    "not-square": _stored_layer(lambda width: torch.ones(width, width + 2)),
+    "vector": _stored_layer(lambda width: torch.ones(width)),
+    "integers": _stored_layer(lambda width: torch.ones(width, width, dtype=torch.long)),
+    "not-finite": _stored_layer(lambda width: torch.full((width, width), float("nan"))),
+    "not-a-tensor": _stored_layer(lambda width: [1.0, 2.0]),
+    "no-count": _torch_writer(lambda width: {"format": stats.STATS_FORMAT, "matrix": torch.eye(width)}),
+    "count-negative": _stored_layer(count=-3),
+    "count-zero": _stored_layer(count=0),
+    "count-float": _stored_layer(count=2.5),
+    "other-format": _stored_layer(format=stats.STATS_FORMAT + 1),
+    "no-format": _torch_writer(lambda width: {"count": 5, "matrix": torch.eye(width)}),
 }
 
 
-@pytest.mark.parametrize(
-    "target, damage",
-    [("layer", name) for name in _STATS_LAYER_DAMAGE] + [("meta", name) for name in _STATS_META_DAMAGE],
-)
-def test_damaged_statistics_are_recomputed_and_rewritten(cache_dir, tmp_path, target, damage):
+@pytest.mark.parametrize("damage", sorted(_STATS_LAYER_DAMAGE))
+def test_damaged_statistics_are_recomputed_and_rewritten(cache_dir, tmp_path, damage):
     handle = _cache_model()
     handle.memo.clear()
     corpus = tmp_path / "corpus.txt"
@@ -727,10 +727,7 @@ def test_damaged_statistics_are_recomputed_and_rewritten(cache_dir, tmp_path, ta
     cached = second_moment(handle, layer, spec).matrix
     assert torch.allclose(cached, fresh, atol=1e-6)
     width = handle.arch.mlp_out_weight(layer).shape[1]
-    if target == "layer":
-        _STATS_LAYER_DAMAGE[damage](folder / f"layer_{layer}.pt", width)
-    else:
-        _STATS_META_DAMAGE[damage](folder / "meta.json", width)
+    _STATS_LAYER_DAMAGE[damage](folder / f"layer_{layer}.pt", width)
     handle.memo.clear()
     assert torch.equal(second_moment(handle, layer, spec).matrix, fresh), "the damaged cache was served"
     handle.memo.clear()
