@@ -381,7 +381,7 @@ def model_summary(handle: LoadedModel) -> str:
             f"{parameters / 1e6:.0f}M parameters")
 
 
-def model_status(workspace: Workspace):
+def status_line(workspace: Workspace):
     """The model status line: this session's model and its background preparation; the poll stops once it is done."""
     name = workspace.model_name
     preparation = _preparations.get(name)
@@ -421,7 +421,7 @@ def load_session_model(name, workspace: Workspace, progress=gr.Progress()):
     handle = shared_model(name, progress=lambda f, m: progress(f, desc=m))
     workspace.switch_model(name, handle)
     start_preparation(name)  # the model is loaded: this prepares its first edit in the background
-    line, poll = model_status(workspace)
+    line, poll = status_line(workspace)
     return line, active_rows(workspace.session), workspace, poll
 
 
@@ -552,7 +552,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
 
         load_button.click(load_session_model, [model_field, workspace], [model_status, edits, workspace, status_poll], api_name="load_model")
         # Not queued behind a running job: the status line moves while a trace or an edit runs.
-        status_poll.tick(model_status, [workspace], [model_status, status_poll], concurrency_limit=None, show_progress="hidden",
+        status_poll.tick(status_line, [workspace], [model_status, status_poll], concurrency_limit=None, show_progress="hidden",
                          api_name=False)
         trace_event = button.click(
             run_trace, [prompt, subject, kinds, samples, window, noise, workspace, target],

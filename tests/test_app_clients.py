@@ -1,6 +1,7 @@
 """Many users at once through `gradio_client`: sessions stay apart, the shared model stays unedited, a full queue says busy."""
 from __future__ import annotations
 
+import re
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -84,3 +85,19 @@ def _outcome(c, args) -> str:
         return "done"
     except Exception as error:  # gradio_client reports a refused request as an exception carrying Gradio's message
         return str(error)
+
+
+def test_model_status_reports_the_start_up_preparation(app_url):
+    import time
+
+    watcher = client(app_url)
+    deadline = time.monotonic() + 300
+    status = watcher.predict("", api_name="/model_status")
+    while status["running"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = watcher.predict("", api_name="/model_status")
+    assert status["loaded"] and not status["running"] and status["fraction"] == 1.0, status
+    # The tiny model's default layer is traced (it has no measured one) and C comes from offline Wikipedia.
+    assert not status["failed"] and re.fullmatch(r"ready to edit \(default layer \d; C from [\d,]+ keys of wikipedia\)",
+                                                 status["message"]), status
+    assert watcher.predict("no-such-model", api_name="/model_status")["message"] == "not started"

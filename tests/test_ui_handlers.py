@@ -229,7 +229,7 @@ def test_model_field_loads_a_folder_and_failures_say_why(tmp_path, monkeypatch):
     status, edits, workspace, _poll = ui.load_session_model(str(tmp_path / "gpt2"), workspace, **QUIET)
     assert "gpt2, 4 layers" in status and edits == [] and workspace.session.handle.arch.model_type == "gpt2"
     assert ui._preparations[str(tmp_path / "gpt2")].wait(120).running is False
-    status, poll = ui.model_status(workspace)  # the loaded model's first edit is prepared in the background
+    status, poll = ui.status_line(workspace)  # the loaded model's first edit is prepared in the background
     # A random model knows no fact to choose its edit layer from: the line says so, and the poll stops.
     assert "gpt2, 4 layers" in status and "could not prepare: the model completes none" in status, status
     assert poll.active is False, "the status poll stops once the preparation is done"
