@@ -461,13 +461,14 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
         workspace = gr.State(Workspace(model_name), delete_callback=Workspace.close)
         examples = trace_examples()
         gr.Markdown("# ROME Explorer\nLocate factual associations with causal tracing and rewrite them with ROME (Meng et al.).")
+        # Outside the accordion: the start-up preparation's progress is visible without opening anything.
+        model_status = gr.Markdown(f"Model: **{plots.safe_label(model_name)}** (loaded on first use)", elem_id="model-status")
+        status_poll = gr.Timer(1.0)
         with gr.Accordion("Model", open=False):
             with gr.Row():
                 model_field = gr.Textbox(label="Model: 'default' (embedded Gemma 3 270M), a Hugging Face name or a local folder",
                                          value=model_name, scale=4)
                 load_button = gr.Button("Load", scale=1)
-            model_status = gr.Markdown(f"Model: **{plots.safe_label(model_name)}** (loaded on first use)", elem_id="model-status")
-            status_poll = gr.Timer(1.0)
         with gr.Tabs() as tabs:
             with gr.Tab("Trace", id="trace", elem_id="trace-panel"):
                 with gr.Row():
