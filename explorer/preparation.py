@@ -39,13 +39,16 @@ class Preparation:
         self.name = name
         self._lock = threading.Lock()
         self._status = Status(0.0, "waiting to start", running=True)
-        self._loaded = False
         self._thread: threading.Thread | None = None
 
     def start(self, load: Callable[..., LoadedModel], options: EditOptions) -> Preparation:
-        """Run ``load(progress=...)`` and then :func:`editing.prepare` in a daemon thread (a second call does nothing)."""
+        """Run ``load(progress=...)`` and then :func:`editing.prepare` in a daemon thread.
+
+        A second call does nothing while the work runs or after it succeeded; after a failure it tries again.
+        """
         with self._lock:
-            if self._thread is None:
+            if self._thread is None or (not self._thread.is_alive() and self._status.failed):
+                self._status = Status(0.0, "waiting to start", running=True)
                 self._thread = threading.Thread(target=self._run, args=(load, options), daemon=True, name=f"prepare-{self.name}")
                 self._thread.start()
         return self
@@ -61,16 +64,15 @@ class Preparation:
         with self._lock:
             return self._status
 
-    def _report(self, fraction: float, message: str, running: bool = True, failed: bool = False) -> None:
+    def _report(self, fraction: float, message: str, running: bool = True, failed: bool = False, loaded: bool = False) -> None:
         with self._lock:
-            loaded = self._status.loaded or self._loaded
+            loaded = loaded or self._status.loaded  # once loaded, the model stays loaded
             self._status = Status(min(1.0, max(0.0, fraction)), message, running, failed, loaded)
 
     def _run(self, load: Callable[..., LoadedModel], options: EditOptions) -> None:
         try:
             handle = load(progress=lambda f, m: self._report(0.3 * f, f"loading the model: {m}"))
-            self._loaded = True
-            self._report(0.3, "loaded; preparing edits")
+            self._report(0.3, "loaded; preparing edits", loaded=True)
             prepared = prepare(handle, options, lambda f, m: self._report(0.3 + 0.7 * f, f"preparing edits: {m}"))
         except (InputError, ModelLoadError) as error:  # a clear message already
             self._report(1.0, str(error), running=False, failed=True)

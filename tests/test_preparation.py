@@ -88,3 +88,20 @@ def test_a_failed_preparation_says_why():
 
     status = Preparation("broken").start(broken, OPTIONS).wait(30)
     assert status.failed and not status.running and status.message == "RuntimeError: disk full"
+
+
+def test_a_failed_preparation_runs_again_when_started_again():
+    attempts = []
+
+    def flaky(progress):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("network down")
+        return build_tiny("llama")
+
+    preparation = Preparation("flaky")
+    assert preparation.start(flaky, EditOptions(layer=1, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))).wait(30).failed
+    status = preparation.start(flaky, EditOptions(layer=1, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))).wait(60)
+    assert not status.failed and status.loaded and status.message == "ready to edit (default layer 1; no key statistics)"
+    preparation.start(flaky, OPTIONS).wait(60)
+    assert len(attempts) == 2, "a preparation that succeeded is not run again"
