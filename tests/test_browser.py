@@ -174,3 +174,9 @@ def test_default_model_traces_in_the_browser(browser, default_model):
         assert [[t.strip() for t in kind] for kind in tick_labels(page)] == [labels] * 3
         assert labels[:4] == ["<bos>", "The*", "Eiffel*", "Tower*"]
         assert caption(page).startswith("answer ' Paris'") and "2 samples" in caption(page)
+        # The start-up preparation of the first edit shows in the status line above the tabs, and finishes.
+        status = page.locator("#model-status")
+        page.wait_for_function("() => document.querySelector('#model-status').innerText.includes('ready to edit')",
+                               timeout=TIMEOUT_MS)
+        assert "gemma3_text, 18 layers" in status.inner_text()
+        assert "ready to edit (default layer 1; C from 100,010 keys of wikipedia)" in status.inner_text()

@@ -157,6 +157,9 @@ def test_corpus_with_too_few_tokens_is_a_clear_error_and_writes_nothing(cache, t
         second_moment(handle, 1, StatsSpec(corpus=f"text:{tmp_path / 'short.txt'}", tokens=5000))
     with pytest.raises(InputError, match="fewer than the 5,000,000 asked for"):
         second_moment(handle, 1, StatsSpec(corpus="wikipedia", tokens=5_000_000))
+    (tmp_path / "tiny.txt").write_text("Paris.")
+    with pytest.raises(InputError, match="has only 0 tokens, fewer than the 300 asked for; give at least 256 tokens of text"):
+        second_moment(handle, 1, StatsSpec(corpus=f"text:{tmp_path / 'tiny.txt'}", tokens=300))
     assert not list(cache.rglob("layer_*.pt"))
 
 
