@@ -10,6 +10,7 @@ matrices back, so the weights return bit for bit (nothing is subtracted).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -61,6 +62,15 @@ class Edit:
     phases: dict = field(default_factory=dict)
     key: np.ndarray | None = None  # the key the update maps exactly (k*, or the bare prompt's for rome-original)
     value: np.ndarray | None = None  # v*, what W' maps that key to
+
+    @property
+    def digest(self) -> str:
+        """An id of the weight change this edit makes (layer, method and update values): equal ids, equal weights."""
+        hasher = hashlib.sha256(f"{self.model}|{self.layer}|{self.method}".encode())
+        for name in ("right", "left", "dense"):
+            array = getattr(self, name)
+            hasher.update(name.encode() + (b"-" if array is None else np.ascontiguousarray(array).tobytes()))
+        return hasher.hexdigest()
 
     def update(self) -> torch.Tensor:
         """ΔW as a float64 [out, in] tensor."""

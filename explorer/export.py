@@ -33,6 +33,7 @@ def trace_to_json(result: TraceResult) -> dict:
         "answer_id": int(result.answer_id),
         "subject_guessed": bool(result.subject_guessed),
         "num_layers": int(result.num_layers),
+        "method": result.method,
     }
 
 
@@ -57,6 +58,7 @@ def trace_from_json(data: dict) -> TraceResult:
         seed=int(data["seed"]),
         seconds=float(data["seconds"]),
         num_layers=int(data.get("num_layers", len(next(iter(data["traces"].values()))[0]))),
+        method=str(data.get("method", "exact")),
     )
 
 

@@ -30,8 +30,11 @@ def heatmap(result: TraceResult, kind: str) -> go.Figure:
     labels = token_labels(result)
     effect = grid - result.low_score
     hover = np.array(
-        [[f"{labels[t]} · layer {l}<br>p = {grid[t, l]:.4f}<br>indirect effect = {effect[t, l]:+.4f}" for l in range(n_layers)] for t in range(n_tokens)]
+        [[f"{labels[t]} · layer {l}<br>" + ("not computed yet" if np.isnan(grid[t, l]) else
+                                            f"p = {grid[t, l]:.4f}<br>indirect effect = {effect[t, l]:+.4f}")
+          for l in range(n_layers)] for t in range(n_tokens)]
     )
+    computed = grid[~np.isnan(grid)]  # a trace in progress leaves its cells not yet computed empty (NaN)
     layer_axis = "layer" if kind == "hidden" else f"centre of {result.window}-layer window"
     figure = go.Figure(
         go.Heatmap(
@@ -39,7 +42,7 @@ def heatmap(result: TraceResult, kind: str) -> go.Figure:
             x=list(range(n_layers)),
             y=list(range(n_tokens)),
             zmin=result.low_score,
-            zmax=max(float(grid.max()), result.low_score + 1e-9),
+            zmax=max(float(computed.max()) if computed.size else result.low_score, result.low_score + 1e-9),
             colorscale=KIND_COLOURS[kind],
             text=hover,
             hoverinfo="text",
@@ -57,11 +60,17 @@ def heatmap(result: TraceResult, kind: str) -> go.Figure:
 
 
 def caption(result: TraceResult) -> str:
-    """One line: the answer, its clean and corrupted probabilities, and the trace settings (plain text)."""
-    return (
+    """One line: the answer, its clean and corrupted probabilities, and the trace settings (plain text);
+    for a trace in progress, how many cells are computed so far."""
+    line = (
         f"answer {result.answer!r}: p = {result.high_score:.4f} clean, {result.low_score:.4f} corrupted; "
         f"noise {result.noise:g} x sigma = {result.noise_std:.4f}, {result.samples} samples, window {result.window}"
     )
+    missing = sum(int(np.isnan(grid).sum()) for grid in result.scores.values())
+    if missing:
+        total = sum(np.asarray(grid).size for grid in result.scores.values())
+        line += f" — computing: {total - missing} of {total} cells so far (the last subject token and the last token first)"
+    return line
 
 
 def trace_html(result: TraceResult) -> str:

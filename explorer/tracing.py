@@ -35,6 +35,9 @@ from .prompts import InputError, TokenizedPrompt, clean_text, guess_subject, is_
 KINDS = ("hidden", "mlp", "attn")
 # The answer's softmax runs over blocks of this many vocabulary entries (see answer_probabilities).
 VOCAB_BLOCK = 2048  # 8192: 7% slower on 4,620 rows of the default model (2 threads, one run)
+# A streamed trace scores its restored states in batches of at least this many rows: the unembedding is
+# bound by memory below a few hundred rows, so scoring each small pass alone would cost more.
+STREAM_ROWS = 512
 Progress = Callable[[float, str], None]
 
 
@@ -90,6 +93,7 @@ class TraceResult:
     seed: int
     seconds: float
     num_layers: int = 0
+    method: str = "exact"  # "exact" (every cell restored) or "atp" (estimated by attribution patching)
 
     def indirect_effect(self, kind: str) -> np.ndarray:
         """Score minus the corrupted run's score, per cell."""
@@ -297,15 +301,23 @@ def score_cells(
     memory_mb: int = 1024,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    on_scores: Callable[[list[int], np.ndarray], None] | None = None,
+    first_tokens: Sequence[int] = (),
 ) -> np.ndarray:
-    """Mean answer probability over the corrupted runs for each cell, in the order given."""
+    """Mean answer probability over the corrupted runs for each cell, in the order given.
+
+    With ``on_scores``, scores are reported as they are computed (``on_scores(cell indices, scores)``),
+    the cells restoring ``first_tokens`` first; the unembedding then runs every STREAM_ROWS rows
+    instead of once at the end.
+    """
     if not cells:
         return np.zeros(0)
     samples = runs.samples
     max_cells = max(1, _rows_budget(handle, runs, memory_mb) // samples)
     # Cells restoring the same token share a key/value prefix and run in one pass (as many as fit); sorted
     # by start, so that cells which can share blocks (plan_pass) land in the same pass.
-    order = sorted(range(len(cells)), key=lambda i: (cells[i].token, cells[i].start))
+    rank = {token: place for place, token in enumerate(first_tokens)}
+    order = sorted(range(len(cells)), key=lambda i: (rank.get(cells[i].token, len(rank)), cells[i].token, cells[i].start))
     groups: list[list[int]] = []
     for index in order:
         if groups and len(groups[-1]) < max_cells and cells[groups[-1][0]].token == cells[index].token:
@@ -313,14 +325,24 @@ def score_cells(
         else:
             groups.append([index])
     final_states = torch.empty(len(cells) * samples, runs.corrupted_embeds.shape[-1], dtype=runs.corrupted_embeds.dtype)
+    scores = np.zeros(len(cells))
+    waiting: list[int] = []  # cells whose final states are in, not yet scored
     for done, group in enumerate(groups):
         if cancel is not None and cancel():
             raise TraceCancelled("trace cancelled")
         states = _run_group(handle, runs, [cells[i] for i in group])
         for slot, index in enumerate(group):
             final_states[index * samples : (index + 1) * samples] = states[slot * samples : (slot + 1) * samples].cpu()
+        waiting += group
+        if on_scores is not None and (len(waiting) * samples >= STREAM_ROWS or done == len(groups) - 1):
+            rows = torch.cat([final_states[i * samples : (i + 1) * samples] for i in waiting])
+            scores[waiting] = answer_probabilities(handle, rows, runs.answer_id, memory_mb).reshape(len(waiting), samples).mean(axis=1)
+            on_scores(waiting, scores[waiting])
+            waiting = []
         if progress is not None:
             progress((done + 1) / len(groups), f"restored {sum(len(g) for g in groups[: done + 1])}/{len(cells)} cells")
+    if on_scores is not None:
+        return scores
     probs = answer_probabilities(handle, final_states, runs.answer_id, memory_mb)
     return probs.reshape(len(cells), samples).mean(axis=1)
 
@@ -621,8 +643,13 @@ def trace(
     limits: TraceLimits = DEFAULT_LIMITS,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    partial: Callable[[TraceResult], None] | None = None,
 ) -> TraceResult:
-    """Causal trace of ``prompt``: per kind, the answer's probability with each (token, layer) state restored."""
+    """Causal trace of ``prompt``: per kind, the answer's probability with each (token, layer) state restored.
+
+    With ``partial``, the trace so far is handed over as cells are scored (cells not computed yet are
+    NaN), the most informative tokens first: the subject's last token and the prompt's last token.
+    """
     began = time.perf_counter()
     tokenized, guessed, noise_std = _validated_inputs(handle, prompt, subject, options, limits)
     with handle.lock:
@@ -631,11 +658,42 @@ def trace(
         # from the same block share batched passes without recomputing anything for nothing.
         cells = {kind: cells_for_kind(kind, tokenized, handle.num_layers, options.window) for kind in options.kinds}
         keys = [(kind, key) for kind in options.kinds for key in cells[kind]]
-        values = score_cells(handle, runs, [cells[kind][key] for kind, key in keys], options.memory_mb, progress, cancel)
         # Cells left out of ``cells`` restore a state equal to the corrupted one: their score is low_score.
         scores = {kind: np.full((tokenized.length, handle.num_layers), runs.low_score) for kind in options.kinds}
+
+        def result(seconds: float) -> TraceResult:
+            return _trace_result(handle, tokenized, guessed, runs, options, noise_std, scores, seconds)
+
+        on_scores = None
+        if partial is not None:
+            for kind, key in keys:
+                scores[kind][key] = np.nan
+
+            def on_scores(indices: list[int], values: np.ndarray) -> None:
+                for index, value in zip(indices, values):
+                    kind, key = keys[index]
+                    scores[kind][key] = value
+                partial(result(time.perf_counter() - began))
+
+        last_subject = tokenized.subject_range[1] - 1
+        values = score_cells(handle, runs, [cells[kind][key] for kind, key in keys], options.memory_mb, progress, cancel,
+                             on_scores, first_tokens=(last_subject, tokenized.length - 1))
         for (kind, key), value in zip(keys, values):
             scores[kind][key] = value
+    return result(time.perf_counter() - began)
+
+
+def _trace_result(
+    handle: LoadedModel,
+    tokenized: TokenizedPrompt,
+    guessed: bool,
+    runs: CleanAndCorrupted,
+    options: TraceOptions,
+    noise_std: float,
+    scores: dict[str, np.ndarray],
+    seconds: float,
+) -> TraceResult:
+    """A :class:`TraceResult` holding copies of ``scores``."""
     return TraceResult(
         model=handle.name,
         prompt=tokenized.prompt,
@@ -647,13 +705,13 @@ def trace(
         answer_id=runs.answer_id,
         high_score=runs.high_score,
         low_score=runs.low_score,
-        scores=scores,
+        scores={kind: grid.copy() for kind, grid in scores.items()},
         noise=options.noise,
         noise_std=noise_std,
         samples=options.samples,
         window=options.window,
         seed=options.seed,
-        seconds=time.perf_counter() - began,
+        seconds=seconds,
         num_layers=handle.num_layers,
     )
 

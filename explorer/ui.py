@@ -1,12 +1,17 @@
 """The Gradio app: layout and event wiring only; the engines do the work."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import html
+import inspect
 import os
+import queue
 import shutil
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +20,7 @@ import gradio as gr
 import numpy as np
 
 from . import export, plots
+from .bounded_cache import BoundedCache
 from .aggregate import average_effects, average_severed, known_prompts
 from .compare import GENERATION_TOKENS, Probes, compare, with_true_target
 from .editing import METHODS, EditOptions, compute_edit, make_request, prepare, validate_options
@@ -23,7 +29,7 @@ from .evaluate import read_dataset
 from .facts import ASSETS, load_facts
 from .generation import complete
 from .limits import AppLimits
-from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model
+from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model, model_fingerprint
 from .preparation import Preparation
 from .prompts import InputError
 from .tracing import KINDS, TraceCancelled, TraceOptions, TraceResult, trace
@@ -34,6 +40,8 @@ EDIT_OPTIONS = EditOptions()  # the app's edit settings (the paper's); method an
 LIMITS = AppLimits.from_env()
 MAX_LOADED_MODELS = 2  # the app's own model plus one a user loaded; older ones are dropped (sessions keep theirs)
 TRACE_EXAMPLES = 8  # facts from the bundled set offered as clickable trace examples
+TRACE_CACHE: BoundedCache[TraceResult] = BoundedCache(32)  # finished traces, for repeats (a few MB at most)
+STREAM_SECONDS = 1.0  # a streaming trace redraws its heatmaps at most this often
 
 _model_lock = threading.Lock()
 _models: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -94,20 +102,69 @@ class Workspace:
             self._files = None
 
 
+@contextlib.contextmanager
+def _as_gradio_errors():
+    try:
+        yield
+    except TraceCancelled:
+        raise gr.Error("cancelled") from None
+    except USER_ERRORS as error:
+        # Gradio shows the message as HTML and it may repeat what the user typed: escape it.
+        raise gr.Error(html.escape(str(error), quote=False)) from None
+
+
 def user_errors(handler):
-    """Turn the engines' clear errors into Gradio messages; anything else stays a bug to see in the log."""
+    """Turn the engines' clear errors into Gradio messages; anything else stays a bug to see in the log.
+
+    Works for plain handlers and for generators (handlers that stream their results).
+    """
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def streaming(*args, **kwargs):
+            with _as_gradio_errors():
+                yield from handler(*args, **kwargs)
+
+        return streaming
 
     @functools.wraps(handler)
     def wrapped(*args, **kwargs):
-        try:
+        with _as_gradio_errors():
             return handler(*args, **kwargs)
-        except TraceCancelled:
-            raise gr.Error("cancelled") from None
-        except USER_ERRORS as error:
-            # Gradio shows the message as HTML and it may repeat what the user typed: escape it.
-            raise gr.Error(html.escape(str(error), quote=False)) from None
 
     return wrapped
+
+
+def streamed(work, every: float):
+    """Run ``work(emit)`` in a thread and yield ``(False, item)`` for what it emits as it goes, then
+    ``(True, its return value)``.
+
+    At most one item per ``every`` seconds is yielded (the newest; older ones are skipped); the thread
+    runs in a copy of this context, so Gradio's progress bar still reaches the page. An exception in
+    ``work`` is raised here.
+    """
+    items: queue.Queue = queue.Queue()
+    context = contextvars.copy_context()
+
+    def run() -> None:
+        try:
+            items.put(("done", context.run(work, lambda item: items.put(("item", item)))))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            items.put(("error", error))
+
+    threading.Thread(target=run, daemon=True, name="streamed-job").start()
+    shown = 0.0
+    while True:
+        what, value = items.get()
+        while what == "item" and not items.empty():  # a newer item is waiting: skip this one
+            what, value = items.get()
+        if what == "error":
+            raise value
+        if what == "done":
+            yield True, value
+            return
+        if time.monotonic() - shown >= every:
+            shown = time.monotonic()
+            yield False, value
 
 
 def reporter(workspace: Workspace, progress):
@@ -201,18 +258,46 @@ def write_downloads(result: TraceResult, folder: Path) -> list[str]:
     return [str(path) for path in paths]
 
 
-@user_errors
-def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspace, target=None, progress=gr.Progress()):
-    """Trace handler, on this session's edited model: heatmaps, caption, the subject used, downloads, a layer to edit."""
-    options = trace_options(kinds, samples, window, noise, target)
-    report = reporter(workspace, progress)
-    session = workspace.session
-    with session.applied():
-        result = trace(session.handle, prompt, subject or None, options, LIMITS.trace, progress=report, cancel=workspace.cancel.is_set)
+def trace_key(session: EditSession, prompt: str, subject: str | None, options: TraceOptions) -> tuple:
+    """What a trace's result depends on: the model, the session's edits, the prompt, subject and options."""
+    return (model_fingerprint(session.handle), tuple(edit.digest for edit in session.edits), prompt, subject or None,
+            options, LIMITS.trace)
+
+
+def _trace_outputs(result: TraceResult, session: EditSession, workspace: Workspace) -> tuple:
     caption = plots.caption(result) + (f" (on the model with {len(session.edits)} edit(s) of yours)" if session.edits else "")
     layer = peak_mlp_layer(result)
     return (*_figures(result), caption, result.subject, write_downloads(result, workspace.files()),
             gr.update() if layer is None else str(layer), workspace)
+
+
+@user_errors
+def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspace, target=None, progress=gr.Progress()):
+    """Trace handler, on this session's edited model: heatmaps, caption, the subject used, downloads, a layer to edit.
+
+    Streams: the heatmaps appear with their first cells and fill in; a trace identical to one already
+    computed (same model, edits, prompt, subject and options) comes from a cache at once.
+    """
+    options = trace_options(kinds, samples, window, noise, target)
+    session = workspace.session
+    key = trace_key(session, str(prompt), subject, options)
+    cached = TRACE_CACHE.get(key)
+    if cached is not None:
+        yield _trace_outputs(cached, session, workspace)
+        return
+    report = reporter(workspace, progress)
+
+    def work(emit) -> TraceResult:
+        with session.applied():
+            return trace(session.handle, prompt, subject or None, options, LIMITS.trace, progress=report,
+                         cancel=workspace.cancel.is_set, partial=emit)
+
+    for finished, result in streamed(work, STREAM_SECONDS):
+        if finished:
+            TRACE_CACHE.put(key, result)
+            yield _trace_outputs(result, session, workspace)
+        else:
+            yield (*_figures(result), plots.caption(result), gr.update(), gr.update(), gr.update(), workspace)
 
 
 @user_errors

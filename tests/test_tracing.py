@@ -159,3 +159,36 @@ def test_windows_clipped_at_the_first_layer_share_their_common_blocks():
     assert same.entry == [0, 3, 3] and same.donor == [None, 0, 0]
     hidden = [Cell(3, l + 1, (("hidden", l),)) for l in range(layers)]
     assert all(d is None for d in plan_pass(hidden, layers).donor)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])
+def test_streamed_trace_fills_in_the_informative_tokens_first_and_ends_as_the_plain_one(family, monkeypatch):
+    import explorer.tracing as tracing
+
+    monkeypatch.setattr(tracing, "STREAM_ROWS", 8)  # score after every pass, so there are many partial results
+    handle = build_tiny(family)
+    options = TraceOptions(samples=3, window=3, seed=2)
+    plain = trace(handle, PROMPT, SUBJECT, options)
+    partials = []
+    streamed = trace(handle, PROMPT, SUBJECT, options, partial=partials.append)
+    for kind in KINDS:
+        np.testing.assert_allclose(streamed.scores[kind], plain.scores[kind], atol=1e-6, rtol=0)
+        assert not np.isnan(streamed.scores[kind]).any()
+    assert len(partials) >= 3
+    missing = [sum(int(np.isnan(p.scores[kind]).sum()) for kind in KINDS) for p in partials]
+    assert missing == sorted(missing, reverse=True) and missing[0] > 0 and missing[-1] == 0
+    for earlier, later in zip(partials, partials[1:]):  # a computed cell keeps its value
+        for kind in KINDS:
+            known = ~np.isnan(earlier.scores[kind])
+            assert np.array_equal(earlier.scores[kind][known], later.scores[kind][known])
+    # The first partial result holds the subject's last token in every kind (its whole row), and nothing
+    # computed at the other subject tokens yet.
+    first, last_subject = partials[0], plain.subject_range[1] - 1
+    for kind in KINDS:
+        assert not np.isnan(first.scores[kind][last_subject]).any(), kind
+        np.testing.assert_allclose(first.scores[kind][last_subject], plain.scores[kind][last_subject], atol=1e-6, rtol=0)
+        assert np.isnan(first.scores[kind][plain.subject_range[0]]).any(), kind
+    # Before the rest of the prompt, the prompt's last token is done.
+    last_token_done = next(i for i, p in enumerate(partials) if not np.isnan(p.scores["mlp"][-1]).any())
+    other_done = next(i for i, p in enumerate(partials) if not np.isnan(p.scores["mlp"][plain.subject_range[0]]).any())
+    assert last_token_done < other_done

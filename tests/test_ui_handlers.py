@@ -10,6 +10,7 @@ import torch
 
 from conftest import build_tiny, traced_scores
 from explorer import ui
+from explorer.bounded_cache import BoundedCache
 from explorer.editing import EditOptions
 from explorer.stats import StatsSpec
 
@@ -20,10 +21,16 @@ def tiny_app(monkeypatch):
     monkeypatch.setattr(ui, "shared_model", lambda name=ui.DEFAULT_MODEL, progress=None: handle)
     fast = EditOptions(steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
     monkeypatch.setattr(ui, "EDIT_OPTIONS", fast)
+    monkeypatch.setattr(ui, "TRACE_CACHE", BoundedCache(32))  # the same tiny model in every test: no repeats across tests
     return handle
 
 
 QUIET = {"progress": lambda *a, **k: None}
+
+
+def traced(*args, **kwargs):
+    """The trace handler's final outputs (it streams partial heatmaps before them)."""
+    return list(ui.run_trace(*args, **kwargs))[-1]
 
 
 def _edit(workspace, layer=1):
@@ -45,8 +52,8 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     assert len(edits) == 1 and edits[0][1] == "The Eiffel Tower"
     assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight), "the shared model must stay unedited between requests"
     trace_args = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden", "mlp"], 2, 2, 3)
-    edited = ui.run_trace(*trace_args, mine, **QUIET)
-    unedited = ui.run_trace(*trace_args, other, **QUIET)
+    edited = traced(*trace_args, mine, **QUIET)
+    unedited = traced(*trace_args, other, **QUIET)
     assert "edit(s) of yours" in edited[3] and "edit(s)" not in unedited[3]
     assert traced_scores(edited) != traced_scores(unedited)
     assert sorted(Path(p).suffix for p in edited[5]) == [".csv", ".json", ".npz", ".npz"]
@@ -59,7 +66,7 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     assert "1 edit(s) active" in ui.complete_prompts("The Eiffel Tower is", mine)
     edits, mine = ui.undo_edit("", mine)  # an empty field: the last edit
     assert edits == []
-    again = ui.run_trace(*trace_args, mine, **QUIET)
+    again = traced(*trace_args, mine, **QUIET)
     assert traced_scores(again) == traced_scores(unedited)  # after undo, the same trace as the unedited model
     with pytest.raises(Exception, match="no edit to undo"):
         ui.undo_edit(None, mine)
@@ -96,7 +103,7 @@ def test_bad_edit_input_is_a_gradio_error_and_changes_nothing(tiny_app, monkeypa
     ]
     for (kinds, samples, window, noise), message in bad_traces:
         with pytest.raises(gr.Error, match=message):
-            ui.run_trace("The Eiffel Tower is in", "The Eiffel Tower", kinds, samples, window, noise, workspace, **QUIET)
+            traced("The Eiffel Tower is in", "The Eiffel Tower", kinds, samples, window, noise, workspace, **QUIET)
     monkeypatch.setattr(ui, "LIMITS", ui.AppLimits(max_edits=1))
     _edit(workspace)
     with pytest.raises(gr.Error, match="1 edits are active, the limit"):
@@ -115,12 +122,12 @@ def test_cancel_stops_the_job_and_leaves_the_model_unedited(tiny_app):
         ui.cancel_job(workspace)
 
     with pytest.raises(gr.Error, match="cancelled"):
-        ui.run_trace("The Eiffel Tower is in", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, progress=press_cancel)
+        traced("The Eiffel Tower is in", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, progress=press_cancel)
     with pytest.raises(gr.Error, match="cancelled"):
         _edit_with_progress(workspace, press_cancel)
     assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight)
     assert len(workspace.session.edits) == 1
-    ui.run_trace("The Eiffel Tower is in", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, **QUIET)  # the flag is cleared
+    traced("The Eiffel Tower is in", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, **QUIET)  # the flag is cleared
 
 
 def _edit_with_progress(workspace, progress):
@@ -195,10 +202,10 @@ def test_memory_stays_flat_over_many_trace_edit_undo_cycles(tiny_app):
     weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
 
     def cycle():
-        ui.run_trace("The Eiffel Tower is located in", "The Eiffel Tower", ["hidden", "mlp"], 3, 2, 3, workspace, **QUIET)
+        traced("The Eiffel Tower is located in", "The Eiffel Tower", ["hidden", "mlp"], 3, 2, 3, workspace, **QUIET)
         _edit(workspace)
         with pytest.raises(gr.Error, match="cancelled"):
-            ui.run_trace("The Eiffel Tower is in", "The Eiffel Tower", ["attn"], 3, 2, 3, workspace,
+            traced("The Eiffel Tower is in", "The Eiffel Tower", ["attn"], 3, 2, 3, workspace,
                          progress=lambda *a, **k: ui.cancel_job(workspace))
         ui.undo_edit("", workspace)
 
@@ -265,14 +272,14 @@ def test_hostile_prompts_are_one_line_errors(tiny_app, prompt, subject, message)
 
     workspace = ui.Workspace()
     with pytest.raises(gr.Error, match=message) as error:
-        ui.run_trace(prompt, subject, ["hidden"], 2, 2, 3, workspace, **QUIET)
+        traced(prompt, subject, ["hidden"], 2, 2, 3, workspace, **QUIET)
     assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("prompt, subject", FRIENDLY_TRACES)
 def test_unicode_prompts_trace_and_their_labels_are_escaped(tiny_app, prompt, subject):
     workspace = ui.Workspace()
-    figures = ui.run_trace(prompt, subject, ["hidden"], 2, 2, 3, workspace, **QUIET)
+    figures = traced(prompt, subject, ["hidden"], 2, 2, 3, workspace, **QUIET)
     figure = figures[0]["value"]
     labels = "".join(figure.layout.yaxis.ticktext)
     assert "<img" not in labels and "<" not in "".join(str(t) for row in figure.data[0].text for t in row).replace("<br>", "")
@@ -284,5 +291,35 @@ def test_the_model_context_caps_the_prompt(tiny_app, monkeypatch):
     monkeypatch.setattr(ui, "LIMITS", ui.AppLimits(max_prompt_tokens=10_000))
     monkeypatch.setattr(tiny_app.model.config, "max_position_embeddings", 12)
     with pytest.raises(gr.Error, match="over the limit of 12"):
-        ui.run_trace("The Eiffel Tower is located in the city of Paris in France", "The Eiffel Tower", ["hidden"], 2, 2, 3,
+        traced("The Eiffel Tower is located in the city of Paris in France", "The Eiffel Tower", ["hidden"], 2, 2, 3,
                      ui.Workspace(), **QUIET)
+
+
+def test_trace_streams_its_heatmaps_and_repeats_come_from_the_cache(tiny_app, monkeypatch):
+    import explorer.tracing as tracing
+
+    monkeypatch.setattr(ui, "STREAM_SECONDS", 0.0)  # every partial result reaches the page
+    monkeypatch.setattr(tracing, "STREAM_ROWS", 8)
+    workspace = ui.Workspace()
+    args = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden", "mlp", "attn"], 2, 3, 3)
+    updates = list(ui.run_trace(*args, workspace, **QUIET))
+    assert len(updates) >= 3
+    first = np.asarray(updates[0][1]["value"].data[0].z, dtype=float)  # the MLP heatmap, first drawn
+    assert np.isnan(first).any() and not np.isnan(first).all(), "cells not computed yet are drawn empty, computed ones drawn"
+    assert "computing:" in updates[0][3] and updates[0][5] == {"__type__": "update"}
+    final = updates[-1]
+    expected = traced_scores(final)  # read now: the session's next result replaces its download folder
+    assert "computing" not in final[3]
+    assert not any(np.isnan(np.asarray(figure["value"].data[0].z, dtype=float)).any() for figure in final[:3])
+    # The same trace again, from another session on the same unedited model: from the cache, not the engine.
+    monkeypatch.setattr(ui, "trace", lambda *a, **k: (_ for _ in ()).throw(AssertionError("traced again")))
+    again = list(ui.run_trace(*args, ui.Workspace(), **QUIET))
+    assert len(again) == 1 and traced_scores(again[0]) == expected
+    _edit(workspace)  # the session's edit is part of the key: its model is another one
+    with pytest.raises(AssertionError, match="traced again"):
+        list(ui.run_trace(*args, workspace, **QUIET))
+    other_options = (*args[:3], 3, 3, 3)
+    with pytest.raises(AssertionError, match="traced again"):
+        list(ui.run_trace(*other_options, ui.Workspace(), **QUIET))
+    ui.undo_edit("", workspace)
+    assert traced_scores(list(ui.run_trace(*args, workspace, **QUIET))[-1]) == expected

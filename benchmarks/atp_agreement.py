@@ -1,0 +1,118 @@
+"""How well attribution patching estimates the exact trace, over facts of the bundled set the model knows.
+
+    python benchmarks/atp_agreement.py [--facts 20] [--estimators one-step,integrated-2,...] [--json OUT]
+
+For each fact (every k-th fact of assets/known_facts.json that the default model completes correctly,
+so the relations are spread), the exact trace (paper defaults: 3 kinds, 10 samples, window 10) and each
+estimator's, both timed in this run. Exact traces are kept in benchmarks/results/atp_exact_traces.json
+(keyed by prompt, subject and options), so a rerun with other estimators costs only the estimates.
+Prints per estimator and kind: the mean Pearson correlation of the indirect effects over all cells
+(± 95% CI over facts), how often the peak token and the peak cell agree, and for MLP, on the facts whose
+exact peak is at a subject token, how often the estimate peaks at that same token; and time per trace.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from explorer.aggregate import predicts  # noqa: E402
+from explorer.attribution import ESTIMATORS, estimate_trace  # noqa: E402
+from explorer.export import trace_from_json, trace_to_json  # noqa: E402
+from explorer.facts import load_facts  # noqa: E402
+from explorer.models import load_model  # noqa: E402
+from explorer.tracing import KINDS, TraceOptions, trace  # noqa: E402
+
+EXACT = Path(__file__).resolve().parent / "results" / "atp_exact_traces.json"
+
+
+def chosen_facts(handle, count: int) -> list:
+    """``count`` known facts spread over the set: every k-th fact, skipping the ones the model gets wrong."""
+    facts = load_facts()
+    stride = max(1, len(facts) // (3 * count))
+    picked = []
+    for fact in facts[::stride]:
+        if len(picked) == count:
+            break
+        if predicts(handle, fact):
+            picked.append(fact)
+    return picked
+
+
+def agreement(exact, estimate, kind: str) -> dict:
+    a = (np.asarray(exact.scores[kind]) - exact.low_score)
+    b = (np.asarray(estimate.scores[kind]) - estimate.low_score)
+    peak_a, peak_b = np.unravel_index(np.argmax(a), a.shape), np.unravel_index(np.argmax(b), b.shape)
+    start, end = exact.subject_range
+    return {
+        "r": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
+        "peak_token": bool(peak_a[0] == peak_b[0]),
+        "peak_cell": bool(peak_a == peak_b),
+        "subject_peak": bool(start <= peak_a[0] < end),
+        "max_abs_error": float(np.abs(a - b).max()),
+    }
+
+
+def mean_ci(values) -> str:
+    values = np.asarray(values, dtype=float)
+    half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{values.mean():.2f} ± {half:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--facts", type=int, default=20)
+    parser.add_argument("--estimators", default=",".join(ESTIMATORS))
+    parser.add_argument("--json", dest="json_out")
+    args = parser.parse_args()
+    handle = load_model()
+    options = TraceOptions()
+    stored = json.loads(EXACT.read_text()) if EXACT.exists() else {}
+    facts = chosen_facts(handle, args.facts)
+    rows: dict[str, list] = {name: [] for name in args.estimators.split(",")}
+    exact_seconds, estimate_seconds = [], {name: [] for name in rows}
+    for number, fact in enumerate(facts, start=1):
+        key = json.dumps([fact.prompt, fact.subject, list(options.kinds), options.samples, options.window, options.noise, options.seed])
+        if key not in stored:
+            began = time.perf_counter()
+            stored[key] = trace_to_json(trace(handle, fact.prompt, fact.subject, options))
+            stored[key]["seconds"] = time.perf_counter() - began
+            EXACT.write_text(json.dumps(stored))
+        exact = trace_from_json(stored[key])
+        exact_seconds.append(exact.seconds)
+        for name in rows:
+            began = time.perf_counter()
+            estimate = estimate_trace(handle, fact.prompt, fact.subject, options, estimator=name)
+            estimate_seconds[name].append(time.perf_counter() - began)
+            rows[name].append({kind: agreement(exact, estimate, kind) for kind in KINDS})
+        print(f"{number}/{len(facts)} {fact.subject}: exact {exact.seconds:.1f} s", flush=True)
+    print(f"\n{len(facts)} facts; exact trace {np.mean(exact_seconds):.1f} s on average")
+    summary = {}
+    for name, per_fact in rows.items():
+        print(f"\n{name}: {np.mean(estimate_seconds[name]):.2f} s per trace "
+              f"(exact / estimate = {np.mean(exact_seconds) / np.mean(estimate_seconds[name]):.1f}x)")
+        summary[name] = {"seconds": float(np.mean(estimate_seconds[name]))}
+        for kind in KINDS:
+            values = [fact[kind] for fact in per_fact]
+            subject_peaks = [v for v in values if v["subject_peak"]]
+            line = (f"  {kind:<6} r = {mean_ci([v['r'] for v in values])}, peak token {np.mean([v['peak_token'] for v in values]):.0%}, "
+                    f"peak cell {np.mean([v['peak_cell'] for v in values]):.0%}")
+            if kind == "mlp":
+                line += (f"; exact peak at a subject token in {len(subject_peaks)} facts, estimate on the same token in "
+                         f"{np.mean([v['peak_token'] for v in subject_peaks]):.0%}" if subject_peaks else "")
+            print(line)
+            summary[name][kind] = values
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"facts": [f.subject for f in facts], "exact_seconds": exact_seconds,
+                                                   "estimators": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
