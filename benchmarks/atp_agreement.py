@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from explorer.aggregate import predicts  # noqa: E402
 from explorer.attribution import ESTIMATORS, estimate_trace  # noqa: E402
+from explorer.attribution import agreement as compare  # noqa: E402
 from explorer.export import trace_from_json, trace_to_json  # noqa: E402
 from explorer.facts import load_facts  # noqa: E402
 from explorer.models import load_model  # noqa: E402
@@ -47,17 +48,10 @@ def chosen_facts(handle, count: int) -> list:
 
 
 def agreement(exact, estimate, kind: str) -> dict:
-    a = (np.asarray(exact.scores[kind]) - exact.low_score)
-    b = (np.asarray(estimate.scores[kind]) - estimate.low_score)
-    peak_a, peak_b = np.unravel_index(np.argmax(a), a.shape), np.unravel_index(np.argmax(b), b.shape)
+    found = compare(exact, estimate)[kind]
     start, end = exact.subject_range
-    return {
-        "r": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
-        "peak_token": bool(peak_a[0] == peak_b[0]),
-        "peak_cell": bool(peak_a == peak_b),
-        "subject_peak": bool(start <= peak_a[0] < end),
-        "max_abs_error": float(np.abs(a - b).max()),
-    }
+    return {"r": found["correlation"], "peak_token": found["peak_token_agrees"], "peak_cell": found["peak_cell_agrees"],
+            "subject_peak": bool(start <= found["exact_peak"][0] < end), "max_abs_error": found["max_abs_error"]}
 
 
 def mean_ci(values) -> str:
@@ -69,7 +63,7 @@ def mean_ci(values) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--facts", type=int, default=20)
-    parser.add_argument("--estimators", default=",".join(ESTIMATORS))
+    parser.add_argument("--estimators", default=",".join([*ESTIMATORS, "per-kind"]))
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
     handle = load_model()

@@ -23,8 +23,9 @@ PROMPTS = ["The Eiffel Tower is located in the city of", "The Eiffel Tower is lo
            "The Eiffel Tower stands in the city of"]
 
 
-def timed_trace(client, prompt: str) -> tuple[float, float, int]:
-    """Seconds to the first update with heatmaps, seconds to the end, and the number of updates."""
+def timed_trace(client, prompt: str) -> tuple[float, float, int, str]:
+    """Seconds to the first update with heatmaps, seconds to the end, the number of updates, and the final
+    agreement note (which gives the engine's seconds for the estimate and the exact trace)."""
     began = time.perf_counter()
     job = client.submit(prompt, "The Eiffel Tower", ["hidden", "mlp", "attn"], 10, 10, 3, "", api_name="/trace")
     first = None
@@ -33,8 +34,8 @@ def timed_trace(client, prompt: str) -> tuple[float, float, int]:
             first = time.perf_counter() - began
         time.sleep(0.05)
     total = time.perf_counter() - began
-    job.result()
-    return (first if first is not None else total), total, len(job.outputs())
+    final = job.result()
+    return (first if first is not None else total), total, len(job.outputs()), final[-1].splitlines()[0]
 
 
 def main() -> None:
@@ -48,11 +49,11 @@ def main() -> None:
         while client.predict("", api_name="/model_status")["running"]:
             time.sleep(1)
         for prompt in PROMPTS[: args.rounds]:
-            first, total, updates = timed_trace(client, prompt)
-            _first, repeat, _updates = timed_trace(client, prompt)
+            first, total, updates, note = timed_trace(client, prompt)
+            _first, repeat, _updates, _note = timed_trace(client, prompt)
             print(f"{prompt!r}: first heatmaps {first:.1f} s, whole trace {total:.1f} s ({updates} updates); "
-                  f"first/whole = {first / total:.3f}; identical repeat {repeat:.2f} s, repeat/whole = {repeat / total:.4f}",
-                  flush=True)
+                  f"first/whole = {first / total:.3f}; identical repeat {repeat:.2f} s, repeat/whole = {repeat / total:.4f}; "
+                  f"{note}", flush=True)
 
 
 if __name__ == "__main__":

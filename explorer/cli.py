@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_options(trace)
     trace.add_argument("--html", dest="html_out", help="write interactive heatmaps here")
     trace.add_argument("--npz", dest="npz_out", help="write ROME's npz layout here (one file per kind: NAME_<kind>.npz)")
+    trace.add_argument("--method", default="exact", choices=("exact", "atp"),
+                       help="exact (every cell restored, default) or atp (estimated from gradients in seconds)")
+
+    inspect = commands.add_parser("inspect", help="a look inside one cell of a trace: logit lens and its restoration")
+    inspect.add_argument("prompt")
+    inspect.add_argument("--cell", required=True, help="KIND,TOKEN,LAYER as in the trace's heatmaps, e.g. mlp,4,6")
+    inspect.add_argument("--subject", help="the subject as written in the prompt (guessed when left out)")
+    inspect.add_argument("--target", help="answer to measure (default: the clean run's top-1 token)")
+    _add_trace_options(inspect)
 
     average = commands.add_parser("average", help="average effects over a known_1000.json-style fact set")
     average.add_argument("facts", help="fact set JSON (ROME's known_1000.json format)")
@@ -170,14 +179,16 @@ def run_trace(args: argparse.Namespace) -> int:
     """The ``trace`` command."""
     from . import export, plots
     from .prompts import clean_text
+    from .attribution import estimate_trace
     from .tracing import trace
 
     options = _options(args)
     clean_text(args.prompt, "prompt")
     handle = _load(args)
-    bar = ProgressBar("tracing")
+    bar = ProgressBar("tracing" if args.method == "exact" else "estimating")
+    engine = trace if args.method == "exact" else estimate_trace
     try:
-        result = trace(handle, args.prompt, args.subject, options, progress=bar)
+        result = engine(handle, args.prompt, args.subject, options, progress=bar)
     finally:
         bar.done()
     if result.subject_guessed:
@@ -189,6 +200,26 @@ def run_trace(args: argparse.Namespace) -> int:
         Path(args.html_out).write_text(plots.trace_html(result), encoding="utf-8")
     if args.npz_out:
         export.write_npz(result, args.npz_out)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """The ``inspect`` command: one cell's logit-lens read-outs and the answer with and without its restoration."""
+    from .inspection import inspect_cell, parse_cell
+    from .prompts import clean_text
+
+    options = _options(args)
+    clean_text(args.prompt, "prompt")
+    kind, token, layer = parse_cell(args.cell)
+    handle = _load(args)
+    found = inspect_cell(handle, args.prompt, args.subject, kind, token, layer, options)
+    print(f"{kind} cell at token {token} ({found.token_text!r}), layer {layer} (restores layers "
+          f"{found.restored_layers[0]}-{found.restored_layers[-1]}); answer {found.answer!r}: p = {found.answer_clean:.4f} clean, "
+          f"{found.answer_corrupted:.4f} corrupted, {found.answer_restored:.4f} with this cell restored", file=sys.stderr)
+    for label, predictions in (("logit lens, clean", found.lens_clean), ("logit lens, corrupted", found.lens_corrupted),
+                               ("logit lens, restored", found.lens_restored), ("output, restored", found.output_restored)):
+        print(f"  {label:<22}" + ", ".join(f"{text!r} {p:.3f}" for text, p in predictions), file=sys.stderr)
+    _write_json(args.json_out, found.to_json())
     return 0
 
 
@@ -342,6 +373,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "trace": run_trace,
+    "inspect": run_inspect,
     "average": run_average,
     "severed": run_severed,
     "known": run_known,

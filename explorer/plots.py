@@ -24,39 +24,58 @@ def token_labels(result: TraceResult) -> list[str]:
 
 
 def heatmap(result: TraceResult, kind: str) -> go.Figure:
-    """Tokens (prompt order, top to bottom) × layers, coloured by the answer's probability from low_score up."""
+    """Tokens (prompt order, top to bottom) × layers, coloured by the answer's probability from low_score up.
+
+    A trace in progress leaves its cells not computed yet empty (NaN). An attribution-patching estimate
+    (``method`` "atp") is drawn as its estimated indirect effect on its own relative colour scale, since
+    its magnitudes are not the exact trace's, and titled as an estimate.
+    """
     grid = np.asarray(result.scores[kind], dtype=float)
-    n_tokens, n_layers = grid.shape
     labels = token_labels(result)
     effect = grid - result.low_score
-    hover = np.array(
-        [[f"{labels[t]} · layer {l}<br>" + ("not computed yet" if np.isnan(grid[t, l]) else
-                                            f"p = {grid[t, l]:.4f}<br>indirect effect = {effect[t, l]:+.4f}")
-          for l in range(n_layers)] for t in range(n_tokens)]
-    )
-    computed = grid[~np.isnan(grid)]  # a trace in progress leaves its cells not yet computed empty (NaN)
-    layer_axis = "layer" if kind == "hidden" else f"centre of {result.window}-layer window"
-    figure = go.Figure(
-        go.Heatmap(
-            z=grid,
-            x=list(range(n_layers)),
-            y=list(range(n_tokens)),
-            zmin=result.low_score,
-            zmax=max(float(computed.max()) if computed.size else result.low_score, result.low_score + 1e-9),
-            colorscale=KIND_COLOURS[kind],
-            text=hover,
-            hoverinfo="text",
-            colorbar={"title": {"text": f"p({safe_label(result.answer.strip())})"}},
-        )
-    )
+    estimate = result.method == "atp"
+
+    def cell_text(t: int, l: int) -> str:
+        if np.isnan(grid[t, l]):
+            return "not computed yet"
+        if estimate:
+            return f"estimated indirect effect = {effect[t, l]:+.4f}"
+        return f"p = {grid[t, l]:.4f}<br>indirect effect = {effect[t, l]:+.4f}"
+
+    computed = effect[~np.isnan(effect)]  # an estimate or a trace in progress leaves cells not computed yet empty (NaN)
+    if estimate:
+        values = effect
+        low, high = (float(computed.min()), float(computed.max())) if computed.size else (0.0, 0.0)
+        title, scale = f"ESTIMATE (attribution patching): {KIND_TITLES[kind]}", "estimated effect<br>(relative scale)"
+    else:
+        values, low = grid, result.low_score
+        high = float(computed.max()) + low if computed.size else low
+        title, scale = f"Impact of {KIND_TITLES[kind]}", f"p({safe_label(result.answer.strip())})"
+    n_tokens, n_layers = grid.shape
+    hover = np.array([[f"{labels[t]} · layer {l}<br>{cell_text(t, l)}" for l in range(n_layers)] for t in range(n_tokens)])
+    figure = go.Figure(go.Heatmap(
+        z=values, x=list(range(n_layers)), y=list(range(n_tokens)), zmin=low, zmax=max(high, low + 1e-9),
+        colorscale=KIND_COLOURS[kind], text=hover, hoverinfo="text", colorbar={"title": {"text": scale}},
+    ))
     figure.update_layout(
-        title={"text": f"Impact of {KIND_TITLES[kind]}", "font": {"size": 14}},
-        xaxis={"title": {"text": layer_axis}},
+        title={"text": title, "font": {"size": 14}},
+        xaxis={"title": {"text": "layer" if kind == "hidden" else f"centre of {result.window}-layer window"}},
         yaxis={"tickmode": "array", "tickvals": list(range(n_tokens)), "ticktext": labels, "autorange": "reversed"},
         margin={"l": 10, "r": 10, "t": 40, "b": 40},
         height=max(260, 28 * n_tokens + 110),
     )
     return figure
+
+
+def agreement_markdown(report: dict[str, dict], estimate_seconds: float, exact_seconds: float) -> str:
+    """How far the estimate was from the exact trace, per kind (a Markdown table)."""
+    rows = ["| kind | correlation | largest error | peak cell (exact → estimate) |", "| --- | ---: | ---: | --- |"]
+    for kind, found in report.items():
+        exact_peak, estimate_peak = found["exact_peak"], found["estimate_peak"]
+        verdict = "same" if found["peak_cell_agrees"] else ("same token" if found["peak_token_agrees"] else "differs")
+        rows.append(f"| {kind} | {found['correlation']:.2f} | {found['max_abs_error']:.3f} | "
+                    f"{verdict}: token {exact_peak[0]} layer {exact_peak[1]} → token {estimate_peak[0]} layer {estimate_peak[1]} |")
+    return (f"**Estimate vs exact trace** (estimate {estimate_seconds:.1f} s, exact {exact_seconds:.1f} s):\n\n" + "\n".join(rows))
 
 
 def caption(result: TraceResult) -> str:
@@ -193,3 +212,22 @@ def severed_figure(result: dict) -> go.Figure:
                          yaxis={"title": {"text": "p(answer)"}},
                          title={"text": f"Last subject token, {result['prompts']} prompts; dotted: mean corrupted p", "font": {"size": 13}})
     return figure
+
+
+def inspection_markdown(found) -> str:
+    """A cell's read-outs (an :class:`inspection.CellInspection`) as Markdown, tokens shown as text."""
+    def listed(predictions) -> str:
+        return ", ".join(f"`{safe_label(text)}` {p:.3f}" for text, p in predictions)
+
+    layers = found.restored_layers
+    restored = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}–{layers[-1]}"
+    return (
+        f"**{found.kind} cell: token {found.token} (`{safe_label(found.token_text)}`), layer {found.layer}** "
+        f"(restores {restored}). Answer `{safe_label(found.answer)}`: p = {found.answer_clean:.4f} clean, "
+        f"{found.answer_corrupted:.4f} corrupted, **{found.answer_restored:.4f} with this cell restored**.\n\n"
+        f"| read out from | top next-token predictions |\n| --- | --- |\n"
+        f"| this token after layer {found.layer}, clean run (logit lens) | {listed(found.lens_clean)} |\n"
+        f"| the same, corrupted runs | {listed(found.lens_corrupted)} |\n"
+        f"| the same, corrupted runs with the cell restored | {listed(found.lens_restored)} |\n"
+        f"| the model's output, corrupted runs with the cell restored | {listed(found.output_restored)} |"
+    )

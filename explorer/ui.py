@@ -22,12 +22,14 @@ import numpy as np
 from . import export, plots
 from .bounded_cache import BoundedCache
 from .aggregate import average_effects, average_severed, known_prompts
+from .attribution import agreement, estimate_trace
 from .compare import GENERATION_TOKENS, Probes, compare, with_true_target
 from .editing import METHODS, EditOptions, compute_edit, make_request, prepare, validate_options
 from .edits import EditSession
 from .evaluate import read_dataset
 from .facts import ASSETS, load_facts
 from .generation import complete
+from .inspection import inspect_cell, parse_cell
 from .limits import AppLimits
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model, model_fingerprint
 from .preparation import Preparation
@@ -40,7 +42,7 @@ EDIT_OPTIONS = EditOptions()  # the app's edit settings (the paper's); method an
 LIMITS = AppLimits.from_env()
 MAX_LOADED_MODELS = 2  # the app's own model plus one a user loaded; older ones are dropped (sessions keep theirs)
 TRACE_EXAMPLES = 8  # facts from the bundled set offered as clickable trace examples
-TRACE_CACHE: BoundedCache[TraceResult] = BoundedCache(32)  # finished traces, for repeats (a few MB at most)
+TRACE_CACHE: BoundedCache[tuple] = BoundedCache(32)  # (estimate, exact) of finished traces, for repeats (a few MB)
 STREAM_SECONDS = 1.0  # a streaming trace redraws its heatmaps at most this often
 
 _model_lock = threading.Lock()
@@ -135,12 +137,11 @@ def user_errors(handler):
 
 
 def streamed(work, every: float):
-    """Run ``work(emit)`` in a thread and yield ``(False, item)`` for what it emits as it goes, then
-    ``(True, its return value)``.
+    """Run ``work(emit)`` in a thread; yield ``(False, [items emitted since the last yield])`` as it goes, at
+    most once per ``every`` seconds, then ``(True, its return value)``.
 
-    At most one item per ``every`` seconds is yielded (the newest; older ones are skipped); the thread
-    runs in a copy of this context, so Gradio's progress bar still reaches the page. An exception in
-    ``work`` is raised here.
+    The thread runs in a copy of this context, so Gradio's progress bar still reaches the page; an
+    exception in ``work`` is raised here.
     """
     items: queue.Queue = queue.Queue()
     context = contextvars.copy_context()
@@ -152,19 +153,24 @@ def streamed(work, every: float):
             items.put(("error", error))
 
     threading.Thread(target=run, daemon=True, name="streamed-job").start()
+    pending: list = []
     shown = 0.0
     while True:
-        what, value = items.get()
-        while what == "item" and not items.empty():  # a newer item is waiting: skip this one
-            what, value = items.get()
+        wait = max(0.0, every - (time.monotonic() - shown)) if pending else None
+        try:
+            what, value = items.get(timeout=wait)
+        except queue.Empty:  # the pending items have waited long enough
+            what, value = "flush", None
         if what == "error":
             raise value
+        if what == "item":
+            pending.append(value)
+        if pending and (what != "item" or time.monotonic() - shown >= every):
+            yield False, pending
+            pending, shown = [], time.monotonic()
         if what == "done":
             yield True, value
             return
-        if time.monotonic() - shown >= every:
-            shown = time.monotonic()
-            yield False, value
 
 
 def reporter(workspace: Workspace, progress):
@@ -271,33 +277,69 @@ def _trace_outputs(result: TraceResult, session: EditSession, workspace: Workspa
             gr.update() if layer is None else str(layer), workspace)
 
 
+def _finished(estimate: TraceResult, exact: TraceResult, session: EditSession, workspace: Workspace) -> tuple:
+    report = plots.agreement_markdown(agreement(exact, estimate), estimate.seconds, exact.seconds)
+    return (*_trace_outputs(exact, session, workspace), *_figures(estimate), report)
+
+
 @user_errors
 def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspace, target=None, progress=gr.Progress()):
-    """Trace handler, on this session's edited model: heatmaps, caption, the subject used, downloads, a layer to edit.
+    """Trace handler, on this session's edited model: heatmaps, caption, the subject used, downloads, a layer to
+    edit, then the attribution-patching estimate's heatmaps and how far they were from the exact trace.
 
-    Streams: the heatmaps appear with their first cells and fill in; a trace identical to one already
-    computed (same model, edits, prompt, subject and options) comes from a cache at once.
+    Streams: the estimate is drawn first (seconds), then the exact heatmaps appear with their first cells
+    and fill in. A trace identical to one already computed (same model, edits, prompt, subject and
+    options) comes from a cache at once.
     """
     options = trace_options(kinds, samples, window, noise, target)
     session = workspace.session
     key = trace_key(session, str(prompt), subject, options)
     cached = TRACE_CACHE.get(key)
     if cached is not None:
-        yield _trace_outputs(cached, session, workspace)
+        yield _finished(*cached, session, workspace)
         return
     report = reporter(workspace, progress)
 
-    def work(emit) -> TraceResult:
+    def work(emit) -> tuple[TraceResult, TraceResult]:
         with session.applied():
-            return trace(session.handle, prompt, subject or None, options, LIMITS.trace, progress=report,
-                         cancel=workspace.cancel.is_set, partial=emit)
+            estimate = estimate_trace(session.handle, prompt, subject or None, options, LIMITS.trace,
+                                      progress=lambda f, m: report(0.02 * f, m), cancel=workspace.cancel.is_set, partial=emit)
+            emit(estimate)
+            exact = trace(session.handle, prompt, subject or None, options, LIMITS.trace, progress=report,
+                          cancel=workspace.cancel.is_set, partial=emit)
+        TRACE_CACHE.put(key, (estimate, exact))  # here, not in the page's loop: kept even if the page went away
+        return estimate, exact
 
-    for finished, result in streamed(work, STREAM_SECONDS):
+    for finished, results in streamed(work, STREAM_SECONDS):
         if finished:
-            TRACE_CACHE.put(key, result)
-            yield _trace_outputs(result, session, workspace)
+            yield _finished(*results, session, workspace)
+            continue
+        estimates = [result for result in results if result.method == "atp"]
+        exact = [result for result in results if result.method != "atp"]
+        if exact:
+            exact_part = (*_figures(exact[-1]), plots.caption(exact[-1]), gr.update(), gr.update(), gr.update(), workspace)
+        else:  # the estimate comes first: the last trace's exact maps are cleared meanwhile
+            exact_part = (*(gr.update(value=None, visible=False) for _ in KINDS),
+                          plots.caption(estimates[-1]) + " — estimate drawn below; computing the exact trace",
+                          gr.update(), gr.update(), gr.update(), workspace)
+        if estimates:
+            note = ("**Estimate** (attribution patching), each map on its own relative scale; the exact trace is being "
+                    "computed above.")
+            estimate_part = (*_figures(estimates[-1]), note)
         else:
-            yield (*_figures(result), plots.caption(result), gr.update(), gr.update(), gr.update(), workspace)
+            estimate_part = (*(gr.update() for _ in KINDS), gr.update())
+        yield (*exact_part, *estimate_part)
+
+
+@user_errors
+def inspect_trace_cell(prompt, subject, kinds, samples, window, noise, cell, workspace: Workspace, target=None):
+    """A look inside one cell (``kind,token,layer``, filled by clicking a heatmap) on this session's model."""
+    options = trace_options(kinds, samples, window, noise, target)
+    kind, token, layer = parse_cell(cell)
+    session = workspace.session
+    with session.applied():
+        found = inspect_cell(session.handle, prompt, subject or None, kind, token, layer, options, LIMITS.trace)
+    return plots.inspection_markdown(found)
 
 
 @user_errors
@@ -537,7 +579,30 @@ def trace_examples() -> list[list[str]]:
 
 def _heatmap_row(label: str, elem_id: str) -> list:
     with gr.Row(elem_id=elem_id):
-        return [gr.Plot(label=f"{label}{kind}", visible=False) for kind in KINDS]
+        return [gr.Plot(label=f"{label}{kind}", visible=False, elem_id=f"{elem_id}-{kind}") for kind in KINDS]
+
+
+# A click on a cell of an exact heatmap writes "kind,token,layer" into the cell field and presses Inspect.
+# Plotly draws a new plot element when a figure is replaced, so new ones are looked for every second.
+CLICK_TO_INSPECT_JS = """
+() => {
+  const bind = () => {
+    for (const kind of ["hidden", "mlp", "attn"]) {
+      const plot = document.querySelector(`#trace-plots-${kind} .js-plotly-plot`);
+      if (!plot || plot.__inspectBound || typeof plot.on !== "function") continue;
+      plot.__inspectBound = true;
+      plot.on("plotly_click", (event) => {
+        const point = event.points[0];
+        const field = document.querySelector("#inspect-cell textarea, #inspect-cell input");
+        field.value = `${kind},${point.y},${point.x}`;
+        field.dispatchEvent(new Event("input", {bubbles: true}));
+        setTimeout(() => document.querySelector("#inspect-button").click(), 100);
+      });
+    }
+  };
+  setInterval(bind, 1000);
+}
+"""
 
 
 def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
@@ -570,6 +635,13 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                     cancel = gr.Button("Cancel", variant="stop", elem_id="trace-cancel")
                 caption = gr.Textbox(label="Result", interactive=False, elem_id="trace-caption")
                 plots_out = _heatmap_row("", "trace-plots")
+                with gr.Accordion("Look inside a cell: click a cell of a heatmap above", open=True):
+                    with gr.Row():
+                        cell = gr.Textbox(label="Cell: kind,token,layer (filled by a click on a heatmap)", elem_id="inspect-cell", scale=4)
+                        inspect_button = gr.Button("Inspect", elem_id="inspect-button", scale=1)
+                    inspection = gr.Markdown(elem_id="inspect-result")
+                estimate_note = gr.Markdown(elem_id="trace-estimate-note")
+                estimate_out = _heatmap_row("estimate ", "trace-estimate-plots")
                 with gr.Row():
                     downloads = gr.File(label="Downloads (JSON, CSV, ROME npz)", file_count="multiple", interactive=False)
                     with gr.Column():
@@ -642,8 +714,13 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                          api_name=False)
         trace_event = button.click(
             run_trace, [prompt, subject, kinds, samples, window, noise, workspace, target],
-            [*plots_out, caption, subject, downloads, trace_layer, workspace], api_name="trace",
+            [*plots_out, caption, subject, downloads, trace_layer, workspace, *estimate_out, estimate_note], api_name="trace",
         )
+        inspect_event = inspect_button.click(
+            inspect_trace_cell, [prompt, subject, kinds, samples, window, noise, cell, workspace, target], [inspection],
+            api_name="inspect",
+        )
+        demo.load(None, None, None, js=CLICK_TO_INSPECT_JS)
         to_edit.click(lambda value: (value, gr.Tabs(selected="edit")), [trace_layer], [layer, tabs], api_name=False)
         case.change(fill_from_case, [case], [edit_prompt, edit_subject, target_new, target_true, paraphrases, neighborhood, generate],
                     api_name=False)
@@ -672,7 +749,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
             return preparation_status(str(model or "").strip() or model_name)
 
         gr.api(model_status_api, api_name="model_status", concurrency_limit=None)
-        jobs = [trace_event, edit_event, compare_event, average_event, severed_event]
+        jobs = [trace_event, inspect_event, edit_event, compare_event, average_event, severed_event]
         for stop in (cancel, edit_cancel, average_cancel):
             # Its own concurrency group, so a cancel is never queued behind the job it cancels.
             stop.click(cancel_job, [workspace], None, cancels=jobs, concurrency_limit=None, api_name=False)

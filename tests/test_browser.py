@@ -56,9 +56,12 @@ def trace(page, prompt: str | None = None, subject: str | None = None) -> list:
         fill(page, "trace-subject", subject)
     page.evaluate(f"window.__before = Array.from(document.querySelectorAll('{PLOTS}')).map(d => d.data)")
     page.locator("#trace-button").click()
+    # New heatmaps, and a caption that no longer says "computing": the trace streams partial maps before the final ones.
     page.wait_for_function(
         f"""() => {{ const plots = Array.from(document.querySelectorAll('{PLOTS}'));
-        return plots.length === 3 && plots.every((d, i) => d.data && d.data !== (window.__before || [])[i]); }}""",
+        const caption = document.querySelector('#trace-caption textarea').value;
+        return plots.length === 3 && plots.every((d, i) => d.data && d.data !== (window.__before || [])[i])
+               && !caption.includes('computing'); }}""",
         timeout=TIMEOUT_MS,
     )
     return page.evaluate(f"Array.from(document.querySelectorAll('{PLOTS}')).map(d => d.data[0].z)")
@@ -180,3 +183,24 @@ def test_default_model_traces_in_the_browser(browser, default_model):
                                timeout=TIMEOUT_MS)
         assert "gemma3_text, 18 layers" in status.inner_text()
         assert "ready to edit (default layer 1; C from 100,010 keys of wikipedia)" in status.inner_text()
+
+
+def test_a_click_on_a_heatmap_cell_shows_what_is_inside_it(tiny_app, browser):
+    page = browser(tiny_app[0])
+    trace(page, PROMPT, SUBJECT)
+    # The attribution-patching estimate is drawn too, below the exact maps, labelled as an estimate.
+    assert page.locator("#trace-estimate-plots-mlp .js-plotly-plot").count() == 1
+    assert "ESTIMATE" in page.locator("#trace-estimate-plots-mlp").inner_text()
+    page.get_by_text("Estimate vs exact trace").first.wait_for(timeout=TIMEOUT_MS)
+    drag_layer = page.locator("#trace-plots-mlp .nsewdrag").first  # where plotly takes the map's clicks
+    box = drag_layer.bounding_box()
+    # The lowest row of the map is the prompt's last token; its cells are computed in every trace.
+    drag_layer.click(position={"x": box["width"] * 0.6, "y": box["height"] - 4})
+    page.wait_for_function("() => document.querySelector('#inspect-result').innerText.includes('mlp cell: token')",
+                           timeout=TIMEOUT_MS)
+    text = page.locator("#inspect-result").inner_text()
+    assert "with this cell restored" in text and "logit lens" in text
+    cell = page.locator("#inspect-cell textarea, #inspect-cell input").first.input_value()
+    kind, token, layer = cell.split(",")
+    assert kind == "mlp" and int(token) == len(tick_labels(page)[1]) - 1 and 0 <= int(layer) < 4
+    assert page.dialogs == []

@@ -303,11 +303,23 @@ def test_trace_streams_its_heatmaps_and_repeats_come_from_the_cache(tiny_app, mo
     workspace = ui.Workspace()
     args = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden", "mlp", "attn"], 2, 3, 3)
     updates = list(ui.run_trace(*args, workspace, **QUIET))
-    assert len(updates) >= 3
-    first = np.asarray(updates[0][1]["value"].data[0].z, dtype=float)  # the MLP heatmap, first drawn
+    assert len(updates) >= 4
+    # First the attribution-patching estimate, on its own scale, while the last trace's exact maps are cleared.
+    estimates = [update for update in updates if update[0].get("visible") is False]
+    assert estimates == updates[: len(estimates)] and len(estimates) == 2
+    for estimate in estimates:
+        assert estimate[3].endswith("computing the exact trace") and "Estimate" in estimate[11]
+        assert all("ESTIMATE" in figure["value"].layout.title.text for figure in estimate[8:11])
+    # The cheap one-step estimate (hidden, attention) comes before the integrated one (MLP).
+    mlp_estimates = [np.asarray(estimate[9]["value"].data[0].z, dtype=float) for estimate in estimates]
+    assert np.isnan(mlp_estimates[0]).all() and not np.isnan(mlp_estimates[1]).any()
+    assert not np.isnan(np.asarray(estimates[0][8]["value"].data[0].z, dtype=float)).any()
+    exact = updates[len(estimates)]
+    first = np.asarray(exact[1]["value"].data[0].z, dtype=float)  # then the exact MLP heatmap, first cells
     assert np.isnan(first).any() and not np.isnan(first).all(), "cells not computed yet are drawn empty, computed ones drawn"
-    assert "computing:" in updates[0][3] and updates[0][5] == {"__type__": "update"}
+    assert "computing:" in exact[3] and exact[5] == {"__type__": "update"} and exact[8] == {"__type__": "update"}
     final = updates[-1]
+    assert "Estimate vs exact trace" in final[11] and final[11].count("| hidden |") == 1
     expected = traced_scores(final)  # read now: the session's next result replaces its download folder
     assert "computing" not in final[3]
     assert not any(np.isnan(np.asarray(figure["value"].data[0].z, dtype=float)).any() for figure in final[:3])
