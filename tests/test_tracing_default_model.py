@@ -37,3 +37,14 @@ def test_average_over_known_facts_keeps_correct_ones_and_reports_effects(default
     assert last["count"] == result["facts_correct"] and len(last["mean"]) == default_model.num_layers
     effect = np.array(last["indirect_effect"]["mean"])
     assert effect[-1] > 0.2 and effect[0] < 0.05  # the answer appears at the last token only in late layers
+
+
+def test_streamed_trace_ends_as_the_plain_one_on_the_default_model(default_model):
+    options = TraceOptions(samples=2)
+    plain = trace(default_model, "The Eiffel Tower is located in the city of", "The Eiffel Tower", options)
+    partials = []
+    streamed = trace(default_model, "The Eiffel Tower is located in the city of", "The Eiffel Tower", options,
+                     partial=partials.append)
+    assert len(partials) >= 2
+    for kind in plain.scores:
+        np.testing.assert_allclose(streamed.scores[kind], plain.scores[kind], atol=1e-6, rtol=0)
