@@ -111,9 +111,9 @@ def estimate_trace(
     """
     if estimator not in ESTIMATORS and estimator != "per-kind":
         raise ValueError(f"unknown estimator {estimator!r}: per-kind or one of {', '.join(ESTIMATORS)}")
-    chosen = {kind: PER_KIND[kind] if estimator == "per-kind" else estimator for kind in options.kinds}
     began = time.perf_counter()
     tokenized, guessed, noise_std = _validated_inputs(handle, prompt, subject, options, limits)
+    chosen = {kind: PER_KIND[kind] if estimator == "per-kind" else estimator for kind in options.kinds}
 
     def result(scores: dict[str, np.ndarray]) -> TraceResult:
         found = _trace_result(handle, tokenized, guessed, runs, options, noise_std, scores, time.perf_counter() - began)

@@ -54,3 +54,15 @@ def test_trace_command_with_method_atp_writes_the_estimate(tmp_path):
     assert set(atp) == set(exact) and atp["traces"].keys() == exact["traces"].keys()
     assert atp["traces"] != exact["traces"] and atp["low_score"] == exact["low_score"]
     assert sorted(ESTIMATORS) == sorted(["one-step", "clean-side", "endpoints", "integrated-2", "integrated-4", "integrated-8"])
+
+
+def test_bad_options_are_the_traces_clear_errors():
+    from explorer.prompts import InputError
+
+    handle = build_tiny("gpt2")
+    with pytest.raises(InputError, match="unknown kind 'nonsense'"):
+        estimate_trace(handle, PROMPT, SUBJECT, TraceOptions(kinds=("nonsense",)))
+    with pytest.raises(InputError, match="does not occur"):
+        estimate_trace(handle, PROMPT, "Big Ben", TraceOptions())
+    with pytest.raises(ValueError, match="unknown estimator"):
+        estimate_trace(handle, PROMPT, SUBJECT, TraceOptions(), estimator="magic")
