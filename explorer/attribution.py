@@ -5,8 +5,8 @@ then changes by ∇ₛp · (s' − s), summed over the states the cell restores 
 output per layer of its window). One forward and backward pass of the corrupted runs gives ∇ₛp for every
 state at once (Nanda 2023, "Attribution patching"). Where the corrupted run is saturated the gradient
 there says little (Kramár et al. 2024, AtP*); averaging the gradients along the path from the corrupted
-input to the clean one (integrated gradients, ``steps`` points) is the remedy measured here
-(docs/attribution.md). Estimates are scores on the trace's scale: low_score plus the estimated effect.
+input to the clean one (integrated gradients over k points) is the remedy measured here; which gradient
+serves each kind best was chosen by measurement (docs/attribution.md). Estimates are scores on the trace's scale: low_score plus the estimated effect.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from .tracing import (
     TraceLimits,
     TraceOptions,
     TraceResult,
-    _trace_result,
-    _validated_inputs,
     run_clean_and_corrupted,
+    trace_result,
+    validated_inputs,
     window_layers,
 )
 
@@ -112,11 +112,11 @@ def estimate_trace(
     if estimator not in ESTIMATORS and estimator != "per-kind":
         raise ValueError(f"unknown estimator {estimator!r}: per-kind or one of {', '.join(ESTIMATORS)}")
     began = time.perf_counter()
-    tokenized, guessed, noise_std = _validated_inputs(handle, prompt, subject, options, limits)
+    tokenized, guessed, noise_std = validated_inputs(handle, prompt, subject, options, limits)
     chosen = {kind: PER_KIND[kind] if estimator == "per-kind" else estimator for kind in options.kinds}
 
     def result(scores: dict[str, np.ndarray]) -> TraceResult:
-        found = _trace_result(handle, tokenized, guessed, runs, options, noise_std, scores, time.perf_counter() - began)
+        found = trace_result(handle, tokenized, guessed, runs, options, noise_std, scores, time.perf_counter() - began)
         found.method = "atp"
         return found
 

@@ -22,8 +22,8 @@ from .tracing import (
     KINDS,
     TraceLimits,
     TraceOptions,
-    _validated_inputs,
     run_clean_and_corrupted,
+    validated_inputs,
     window_layers,
 )
 
@@ -83,7 +83,7 @@ def inspect_cell(
     limits: TraceLimits = DEFAULT_LIMITS,
 ) -> CellInspection:
     """The read-outs of cell (``kind``, ``token``, ``layer``) of the trace of ``prompt`` with ``options``."""
-    tokenized, _guessed, noise_std = _validated_inputs(handle, prompt, subject, options, limits)
+    tokenized, _guessed, noise_std = validated_inputs(handle, prompt, subject, options, limits)
     if kind not in KINDS:
         raise InputError(f"unknown kind {kind!r}: choose from {', '.join(KINDS)}")
     if not (is_whole_number(token) and 0 <= token < tokenized.length):

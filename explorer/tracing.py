@@ -626,7 +626,7 @@ def _prefix_cache(handle: LoadedModel, runs: CleanAndCorrupted, prefix: int, cop
     return cache
 
 
-def _validated_inputs(
+def validated_inputs(
     handle: LoadedModel, prompt: str, subject: str | None, options: TraceOptions, limits: TraceLimits
 ) -> tuple[TokenizedPrompt, bool, float]:
     """Check options and prompt before any forward pass: the tokenised prompt, whether the subject was guessed, σ·noise."""
@@ -651,7 +651,7 @@ def trace(
     NaN), the most informative tokens first: the subject's last token and the prompt's last token.
     """
     began = time.perf_counter()
-    tokenized, guessed, noise_std = _validated_inputs(handle, prompt, subject, options, limits)
+    tokenized, guessed, noise_std = validated_inputs(handle, prompt, subject, options, limits)
     with handle.lock:
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
         # All kinds' cells go through one scheduler: cells of different kinds that restore the same token
@@ -662,7 +662,7 @@ def trace(
         scores = {kind: np.full((tokenized.length, handle.num_layers), runs.low_score) for kind in options.kinds}
 
         def result(seconds: float) -> TraceResult:
-            return _trace_result(handle, tokenized, guessed, runs, options, noise_std, scores, seconds)
+            return trace_result(handle, tokenized, guessed, runs, options, noise_std, scores, seconds)
 
         on_scores = None
         if partial is not None:
@@ -683,7 +683,7 @@ def trace(
     return result(time.perf_counter() - began)
 
 
-def _trace_result(
+def trace_result(
     handle: LoadedModel,
     tokenized: TokenizedPrompt,
     guessed: bool,
@@ -720,7 +720,7 @@ def last_subject_effects(
     handle: LoadedModel, prompt: str, subject: str, kind: str = "mlp", options: TraceOptions = TraceOptions()
 ) -> np.ndarray:
     """Indirect effect per layer of restoring ``kind`` at the subject's last token (one row of a trace)."""
-    tokenized, _guessed, noise_std = _validated_inputs(handle, prompt, subject, options, DEFAULT_LIMITS)
+    tokenized, _guessed, noise_std = validated_inputs(handle, prompt, subject, options, DEFAULT_LIMITS)
     token = tokenized.subject_range[1] - 1
     with handle.lock:
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
@@ -756,7 +756,7 @@ def trace_severed(
     cancel: Callable[[], bool] | None = None,
 ) -> SeveredResult:
     """The paper's severed-path analysis for one prompt (its Figure 3 averages this over facts)."""
-    tokenized, _, noise_std = _validated_inputs(handle, prompt, subject, options, limits)
+    tokenized, _, noise_std = validated_inputs(handle, prompt, subject, options, limits)
     with handle.lock:
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
         scores = {}
