@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .editing import EditOptions, prepare
 from .models import LoadedModel, ModelLoadError
@@ -28,8 +28,7 @@ class Status:
 
     def to_json(self) -> dict:
         """The status as plain values (the app's ``/model_status`` endpoint)."""
-        return {"fraction": self.fraction, "message": self.message, "running": self.running, "failed": self.failed,
-                "loaded": self.loaded}
+        return asdict(self)
 
 
 class Preparation:

@@ -32,7 +32,7 @@ from .generation import complete
 from .inspection import inspect_cell, parse_cell
 from .limits import AppLimits
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model, model_fingerprint
-from .preparation import Preparation
+from .preparation import Preparation, Status
 from .prompts import InputError
 from .tracing import KINDS, TraceCancelled, TraceOptions, TraceResult, trace
 
@@ -527,9 +527,8 @@ def status_line(workspace: Workspace):
 def preparation_status(name: str) -> dict:
     """Where the background preparation of model ``name`` stands, for scripts that wait for it."""
     preparation = _preparations.get(name)
-    if preparation is None:
-        return {"model": name, "fraction": 0.0, "message": "not started", "running": False, "failed": False, "loaded": name in _models}
-    return {"model": name, **preparation.status().to_json()}
+    status = preparation.status() if preparation else Status(0.0, "not started", running=False, loaded=name in _models)
+    return {"model": name, **status.to_json()}
 
 
 def allowed_models() -> set[str] | None:
