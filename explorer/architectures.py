@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import offload
+
 
 @dataclass(frozen=True)
 class FamilyPaths:
@@ -157,9 +159,31 @@ class Architecture:
         return _get_module(self.block(layer), self.paths.mlp_out)
 
     def mlp_out_weight(self, layer: int) -> torch.Tensor:
-        """That projection's weight as [out_features, in_features] (a view; Conv1D is transposed)."""
+        """That projection's weight as [out_features, in_features] (a view; Conv1D is transposed).
+
+        Under accelerate's offloading this is a ``meta`` placeholder (right shape and dtype, no values):
+        read and write the values with :meth:`mlp_out_values`, :meth:`write_mlp_out` and
+        :meth:`save_mlp_out` / :meth:`restore_mlp_out`, which also reach offloaded weights.
+        """
         weight = self.mlp_out(layer).weight
         return weight.T if self.paths.mlp_out_transposed else weight
+
+    def mlp_out_values(self, layer: int) -> torch.Tensor:
+        """The values of :meth:`mlp_out_weight`, also when accelerate offloaded them (then on the offload map's device)."""
+        weight = offload.values(self.mlp_out(layer))
+        return weight.T if self.paths.mlp_out_transposed else weight
+
+    def write_mlp_out(self, layer: int, values: torch.Tensor) -> None:
+        """Set the projection's weight to ``values`` ([out, in]), where the next forward will read it."""
+        offload.write(self.mlp_out(layer), values.T if self.paths.mlp_out_transposed else values)
+
+    def save_mlp_out(self, layer: int) -> object:
+        """A token with which :meth:`restore_mlp_out` puts the projection's current weight back bit for bit."""
+        return offload.save(self.mlp_out(layer))
+
+    def restore_mlp_out(self, layer: int, saved: object) -> None:
+        """Put back the weight :meth:`save_mlp_out` saved."""
+        offload.restore(self.mlp_out(layer), saved)
 
     def logits(self, final_hidden: torch.Tensor, vocab: slice | None = None, for_gradients: bool = False) -> torch.Tensor:
         """Vocabulary logits from final-normed hidden states, as the model's own head computes them.
@@ -171,9 +195,10 @@ class Architecture:
         """
         head = self.unembedding  # an nn.Linear in every family of the table
         vocab = vocab if vocab is not None else slice(None)
-        bias = head.bias[vocab] if getattr(head, "bias", None) is not None else None
         linear = nn.functional.linear if for_gradients else few_row_linear
-        logits = linear(final_hidden, head.weight[vocab], bias)
+        with offload.loaded(head):  # the head's weight is read here, not through its forward (and its hook)
+            bias = head.bias[vocab] if getattr(head, "bias", None) is not None else None
+            logits = linear(final_hidden, head.weight[vocab], bias)
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap

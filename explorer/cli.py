@@ -10,6 +10,7 @@ from .export import json_text
 from .prompts import InputError
 
 PROGRESS_WIDTH = 30
+REPEATABLE = "repeatable: each flag adds to the list, e.g. --{name} A B --{name} C gives A, B, C"
 
 
 class ProgressBar:
@@ -44,7 +45,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_trace_options(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser)
-    parser.add_argument("--kinds", default="hidden,mlp,attn", type=_kinds, help="comma-separated: hidden,mlp,attn")
+    parser.add_argument("--kinds", action="extend", type=_kinds, metavar="KINDS",
+                        help="comma-separated, from hidden,mlp,attn (the default: all three); repeatable, "
+                             "each --kinds adds to the list")
     parser.add_argument("--samples", default=10, type=int, help="corrupted runs per cell (default 10)")
     parser.add_argument("--window", default=10, type=int, help="layers restored together for mlp/attn (default 10)")
     parser.add_argument("--noise", default=3.0, type=float, help="noise std as a multiple of the subject-embedding std (default 3)")
@@ -80,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trace_options(average)
 
     severed = commands.add_parser("severed", help="severed-path analysis over facts or prompts")
-    severed.add_argument("inputs", nargs="+", help="fact set JSON file(s) or prompts (subject guessed)")
+    severed.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="fact set JSON file(s) or prompts (subject guessed), side by side: "
+                              "an input split from the others by an option is an error, never dropped")
     severed.add_argument("--subject", help="subject, for a single prompt")
     severed.add_argument("--limit", type=int, help="use the first N facts")
     _add_trace_options(severed)
@@ -96,12 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--target", required=True, dest="target_new", help="the new object, e.g. ' Rome' (mind the leading space)")
     edit.add_argument("--target-true", dest="target_true", help="the current object (default: the model's top-1 token)")
     _add_edit_options(edit)
-    edit.add_argument("--generate", nargs="+", default=[], metavar="PROMPT", help="prompts to complete before and after")
-    edit.add_argument("--paraphrase", nargs="+", default=[], metavar="PROMPT", help="paraphrases of the edit prompt to score")
-    edit.add_argument("--neighborhood", nargs="+", default=[], metavar="PROMPT", help="prompts whose answer must stay target_true")
+    # action="extend": a repeated flag adds to the list instead of replacing it. argparse copies the default
+    # list before extending it, so the [] below is never shared between parses.
+    edit.add_argument("--generate", nargs="+", action="extend", default=[], metavar="PROMPT",
+                      help="prompts to complete before and after; " + REPEATABLE.format(name="generate"))
+    edit.add_argument("--paraphrase", nargs="+", action="extend", default=[], metavar="PROMPT",
+                      help="paraphrases of the edit prompt to score; " + REPEATABLE.format(name="paraphrase"))
+    edit.add_argument("--neighborhood", nargs="+", action="extend", default=[], metavar="PROMPT",
+                      help="prompts whose answer must stay target_true; " + REPEATABLE.format(name="neighborhood"))
     edit.add_argument("--sample-seed", type=int, help="sample generations (top-k 50) with this seed instead of greedy")
     edit.add_argument("--tokens", type=int, default=30, help="tokens per generation (default 30)")
-    edit.add_argument("--apply-edit", nargs="+", default=[], metavar="FILE", help="saved edits to apply first (stacked)")
+    edit.add_argument("--apply-edit", nargs="+", action="extend", default=[], metavar="FILE",
+                      help="saved edits to apply first (stacked); " + REPEATABLE.format(name="apply-edit"))
     edit.add_argument("--save-edit", dest="save_out", help="save the computed edit here (.npz) to re-apply later")
     edit.add_argument("--json", dest="json_out", help="write the report as JSON here")
     _add_model_options(edit)
@@ -150,8 +161,10 @@ def _options(args: argparse.Namespace):
     """The trace options, checked before the model loads: a typo costs no wait."""
     from .tracing import TraceOptions, validate_options
 
+    # --kinds (action extend) is None when never given, else every kind typed; duplicates collapse, in order.
+    kinds = tuple(dict.fromkeys(args.kinds)) if args.kinds is not None else TraceOptions.kinds
     options = TraceOptions(
-        kinds=args.kinds, samples=args.samples, window=args.window, noise=args.noise, seed=args.seed, target=getattr(args, "target", None)
+        kinds=kinds, samples=args.samples, window=args.window, noise=args.noise, seed=args.seed, target=getattr(args, "target", None)
     )
     validate_options(options)
     return options

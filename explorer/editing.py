@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from . import hooks
+from . import hooks, offload
 from .atomic import write_atomically
 from .edits import Edit, EditRequest
 from .generation import Sampling, added_token_ids, generate_ids, pad_token, positions_from_mask, start_token
@@ -714,8 +714,9 @@ def compute_ft(handle: LoadedModel, request: EditRequest, layer: int, options: E
     with torch.no_grad(), hooks.capture_outputs(blocks, raw=True) as raw:
         arch.backbone(input_ids=ids, use_cache=False)
     below = [raw[str(l)] for l in range(layer)]
-    weight = arch.mlp_out_weight(layer)
-    delta = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device, requires_grad=True)
+    weight = arch.mlp_out_weight(layer)  # shape and dtype only: under offloading it is a meta placeholder
+    device = offload.execution_device(arch.mlp_out(layer))  # where the projection's input arrives
+    delta = torch.zeros(weight.shape, dtype=weight.dtype, device=device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=options.ft_lr)
     prompt_length = len(row.ids) - len(row.targets) + 1
     where = [prompt_length - 1 + j for j in range(len(row.targets))]
@@ -762,7 +763,7 @@ def compute_edit(
             phases = {"ft": time.perf_counter() - started}
         else:
             vectors, stats, phases = compute_rome(handle, request, prepared, options, progress)
-    weight = handle.arch.mlp_out_weight(layer)
+    weight = handle.arch.mlp_out_values(layer)
     edit = Edit(
         request=request,
         layer=layer,

@@ -228,27 +228,28 @@ class EditSession:
         """
         handle = self.handle
         with handle.lock:
-            originals: dict[int, torch.Tensor] = {}
+            originals: dict[int, object] = {}
             registered: list[int] = []
             previous_state = handle.weights_state
             try:
                 if self.edits:
                     handle.weights_state = object()  # values computed from the weights are not reused in here
                 for edit in self.edits:
-                    weight = handle.arch.mlp_out_weight(edit.layer)
                     if edit.layer not in originals:
-                        originals[edit.layer] = weight.detach().clone()
+                        originals[edit.layer] = handle.arch.save_mlp_out(edit.layer)
                         if edit.layer not in handle.originals:  # an enclosing block already holds the model's own
                             handle.originals[edit.layer] = originals[edit.layer]
                             registered.append(edit.layer)
+                    # Read and written through the architecture: an offloaded weight (a meta placeholder that
+                    # accelerate fills at each forward) is edited in its offload map, not in the placeholder.
+                    weight = handle.arch.mlp_out_values(edit.layer)
                     with torch.no_grad():
                         updated = weight.double() + edit.update().to(weight.device)
-                        weight.copy_(updated.to(weight.dtype))
+                    handle.arch.write_mlp_out(edit.layer, updated.to(weight.dtype))
                 yield handle
             finally:
-                with torch.no_grad():
-                    for layer, original in originals.items():
-                        handle.arch.mlp_out_weight(layer).copy_(original)
+                for layer, original in originals.items():
+                    handle.arch.restore_mlp_out(layer, original)
                 for layer in registered:
                     del handle.originals[layer]
                 handle.weights_state = previous_state

@@ -19,6 +19,8 @@ ENVIRONMENT = {
     "ROME_EXPLORER_MAX_UPLOAD_BYTES": "max_upload_bytes",
     "ROME_EXPLORER_MAX_EDITS": "max_edits",
     "ROME_EXPLORER_QUEUE": "queue_size",
+    "ROME_EXPLORER_MAX_MODEL_PARAMETERS": "max_model_parameters",
+    "ROME_EXPLORER_MAX_MODEL_BYTES": "max_model_bytes",
 }
 
 
@@ -35,6 +37,9 @@ class AppLimits:
     max_upload_bytes: int = 5_000_000  # an uploaded fact set
     max_edits: int = 10  # active edits per browser session
     queue_size: int = 16  # waiting requests before the app answers "busy"
+    # A model the model field loads where the public can reach the app (see model_policy), checked before any download.
+    max_model_parameters: int = 2_000_000_000  # parameters, counted from the configuration (8 GB as float32)
+    max_model_bytes: int = 10_000_000_000  # bytes of weight files on disk or on the hub
 
     @property
     def trace(self) -> TraceLimits:

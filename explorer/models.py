@@ -23,6 +23,7 @@ from typing import TypeVar
 import torch
 from filelock import FileLock
 
+from . import offload
 from .architectures import Architecture, UnsupportedModelError, architecture_for, supported_model_types
 
 DEFAULT_MODEL = "default"
@@ -62,9 +63,9 @@ class LoadedModel:
     arch: Architecture
     lock: RLock = field(default_factory=RLock, repr=False)
     memo: dict = field(default_factory=dict, repr=False)  # per-model derived values (σ, default layer, ...)
-    # The model's own MLP output weights of the layers an open EditSession.applied() block changed, so that
-    # values derived from the model (see own_weights) never see an edit.
-    originals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # The model's own MLP output weights (Architecture.save_mlp_out tokens) of the layers an open
+    # EditSession.applied() block changed, so that values derived from the model (see own_weights) never see an edit.
+    originals: dict[int, object] = field(default_factory=dict, repr=False)
     # None while the weights are the model's own; a token unique to each applied() block otherwise, which
     # values computed from the current weights key on.
     weights_state: object | None = field(default=None, repr=False)
@@ -77,8 +78,9 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """Where the input embeddings live (the first shard under ``device_map='auto'``)."""
-        return self.arch.embedding.weight.device
+        """Where the input embeddings are computed (the first shard under ``device_map='auto'``; the hook's
+        execution device when accelerate offloaded the embedding, whose weight is then a ``meta`` placeholder)."""
+        return offload.execution_device(self.arch.embedding)
 
     @property
     def max_context(self) -> int | None:
@@ -108,12 +110,20 @@ def _fingerprint(handle: LoadedModel) -> str:
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(json.dumps(handle.tokenizer(FINGERPRINT_TEXT)["input_ids"]).encode())
     digest.update(str(len(handle.tokenizer)).encode())
+    parameters = dict(handle.model.named_parameters())
+    # A tied copy (a head tied to the embedding) is left out: accelerate unties the pair when it reloads an
+    # offloaded embedding for a forward, after which named_parameters() lists the copy under its own name.
+    tied = getattr(handle.model, "all_tied_weights_keys", None)
+    tied = tied if isinstance(tied, dict) else {}
     with own_weights(handle), torch.no_grad():
-        for name, parameter in sorted(handle.model.named_parameters()):
-            digest.update(f"{name}{tuple(parameter.shape)}".encode())
-            if parameter.device.type == "meta":  # offloaded by accelerate: its values are not in memory
+        for name, parameter in sorted(parameters.items()):
+            if tied.get(name) in parameters:
                 continue
-            flat = parameter.detach().reshape(-1)
+            digest.update(f"{name}{tuple(parameter.shape)}".encode())
+            owner, _, leaf = name.rpartition(".")
+            # Offloaded by accelerate: the values are read from its offload map, so that the id is the same
+            # however the model was placed (statistics and saved edits are keyed by it).
+            flat = offload.values(handle.model.get_submodule(owner), leaf).detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // FINGERPRINT_VALUES)]
             digest.update(sample.float().cpu().numpy().tobytes())
     return f"{handle.arch.model_type}-{digest.hexdigest()[:16]}"
@@ -128,20 +138,17 @@ def own_weights(handle: LoadedModel) -> Iterator[LoadedModel]:
     weights, whoever asks for them. Edited matrices are swapped out for the body and back afterwards.
     """
     with handle.lock:
-        edited: dict[int, torch.Tensor] = {}
+        edited: dict[int, object] = {}
         state = handle.weights_state
         try:
-            with torch.no_grad():
-                for layer, original in handle.originals.items():
-                    weight = handle.arch.mlp_out_weight(layer)
-                    edited[layer] = weight.detach().clone()
-                    weight.copy_(original)
+            for layer, original in handle.originals.items():
+                edited[layer] = handle.arch.save_mlp_out(layer)
+                handle.arch.restore_mlp_out(layer, original)
             handle.weights_state = None
             yield handle
         finally:
-            with torch.no_grad():
-                for layer, values in edited.items():
-                    handle.arch.mlp_out_weight(layer).copy_(values)
+            for layer, saved in edited.items():
+                handle.arch.restore_mlp_out(layer, saved)
             handle.weights_state = state
 
 
@@ -196,8 +203,15 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     progress: Progress | None = None,
+    device_map: dict[str, str | int] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
-    """Load ``name`` ("default", a hub name or a local folder) ready for tracing and editing."""
+    """Load ``name`` ("default", a hub name or a local folder) ready for tracing and editing.
+
+    ``device_map`` (module name -> device, "cpu" or "disk") places the model with accelerate, as
+    ``device="auto"`` does by itself; modules mapped to "disk" (or, under "auto", those that fit
+    nowhere else) are offloaded to ``offload_folder``, by default a folder under :func:`cache_root`.
+    """
     progress = progress or _noop_progress
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -205,16 +219,36 @@ def load_model(
         raise ModelLoadError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' asked for, but torch sees no CUDA device; use --device cpu")
+    placement = _Placement(device, device_map, offload_folder)
     name = (name or DEFAULT_MODEL).strip()
     if name == DEFAULT_MODEL:
         folder, converted = default_model_folder(progress)
-        if converted is not None and dtype == "float32" and device == "cpu":
+        if converted is not None and dtype == "float32" and device == "cpu" and device_map is None:
             model, tokenizer = converted  # just converted: no need to read the copy back
         else:
-            model, tokenizer = _load_pretrained(str(folder), DTYPES[dtype], device, progress, label=DEFAULT_MODEL_LABEL)
+            model, tokenizer = _load_pretrained(str(folder), DTYPES[dtype], placement, progress, label=DEFAULT_MODEL_LABEL)
     else:
-        model, tokenizer = _load_pretrained(name, DTYPES[dtype], device, progress, label=name)
+        model, tokenizer = _load_pretrained(name, DTYPES[dtype], placement, progress, label=name)
     return prepare(name, model, tokenizer)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where :func:`load_model` puts the weights: one device, or accelerate's dispatch (``device_map``)."""
+
+    device: str
+    device_map: dict | None = None
+    offload_folder: str | os.PathLike | None = None
+
+    def kwargs(self, source: str, dtype: torch.dtype) -> dict:
+        """``from_pretrained`` arguments for this placement."""
+        if self.device != "auto" and self.device_map is None:
+            return {}
+        folder = self.offload_folder
+        if folder is None:  # one folder per model and dtype; offloaded weights are written there on loading
+            key = hashlib.sha256(f"{os.path.abspath(source) if os.path.isdir(source) else source}|{dtype}".encode())
+            folder = cache_root() / "offload" / key.hexdigest()[:16]
+        return {"device_map": self.device_map if self.device_map is not None else "auto", "offload_folder": str(folder)}
 
 
 def prepare(name: str, model: torch.nn.Module, tokenizer: object) -> LoadedModel:
@@ -231,7 +265,7 @@ def prepare(name: str, model: torch.nn.Module, tokenizer: object) -> LoadedModel
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, arch=arch)
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, device: str, progress: Progress, label: str):
+def _load_pretrained(source: str, dtype: torch.dtype, placement: _Placement, progress: Progress, label: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     progress(0.05, f"reading the configuration of {label}")
@@ -251,15 +285,13 @@ def _load_pretrained(source: str, dtype: torch.dtype, device: str, progress: Pro
             f"supported types: {', '.join(supported_model_types())}"
         )
     progress(0.2, f"loading the weights of {label}")
-    kwargs: dict = {"dtype": dtype}
-    if device == "auto":
-        kwargs["device_map"] = "auto"
+    kwargs: dict = {"dtype": dtype, **placement.kwargs(source, dtype)}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load {source!r} as a causal LM: {str(error).splitlines()[0]}") from None
-    if device == "cuda":
+    if placement.device == "cuda" and placement.device_map is None:
         model = model.to("cuda")
     progress(1.0, f"loaded {label}")
     return model, tokenizer

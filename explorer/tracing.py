@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import hooks
+from . import hooks, offload
 from .models import LoadedModel, derived, own_weights
 from .prompts import InputError, TokenizedPrompt, clean_text, guess_subject, is_whole_number, tokenize_prompt
 
@@ -153,7 +153,7 @@ def embedding_std(handle: LoadedModel, subjects: Sequence[str] | None = None) ->
         ids.extend(handle.tokenizer(subject, add_special_tokens=False)["input_ids"])
     with own_weights(handle), torch.no_grad():
         vectors = handle.arch.embedding(torch.tensor([ids], device=handle.device))
-    return float(vectors.float().std())
+    return float(vectors.double().std())  # float64: a sum over ~10^5 values loses digits in float32
 
 
 def validate_options(options: TraceOptions, limits: TraceLimits = DEFAULT_LIMITS) -> None:
@@ -365,10 +365,11 @@ def answer_probabilities(
     """
     block_logits = block_logits or handle.arch.logits
     vocab = handle.arch.unembedding.weight.shape[0]
-    device = handle.arch.unembedding.weight.device
     rows = max(1, int(memory_mb * 2**20 // (2 * VOCAB_BLOCK * 4)))
     out = []
-    with torch.no_grad():
+    # An offloaded head is loaded once for all blocks (each logits call would otherwise load it again).
+    with torch.no_grad(), offload.loaded(handle.arch.unembedding):
+        device = handle.arch.unembedding.weight.device
         for begin in range(0, final_states.shape[0], rows):
             states = final_states[begin : begin + rows].to(device)
             maxima, sums = [], []

@@ -31,6 +31,7 @@ from .facts import ASSETS, load_facts
 from .generation import complete
 from .inspection import inspect_cell, parse_cell
 from .limits import AppLimits
+from .model_policy import check_model, field_label
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model, model_fingerprint
 from .preparation import Preparation, Status
 from .prompts import InputError
@@ -531,19 +532,11 @@ def preparation_status(name: str) -> dict:
     return {"model": name, **status.to_json()}
 
 
-def allowed_models() -> set[str] | None:
-    """Models the model field may load: ``ROME_EXPLORER_MODELS`` (comma-separated) plus the default; None = any."""
-    listed = {name.strip() for name in os.environ.get("ROME_EXPLORER_MODELS", "").split(",") if name.strip()}
-    return (listed | {DEFAULT_MODEL, os.environ.get("ROME_EXPLORER_MODEL", DEFAULT_MODEL)}) if listed else None
-
-
 @user_errors
 def load_session_model(name, workspace: Workspace, progress=gr.Progress()):
     """Switch this session to another model (a hub name or a local folder); its edits on the old model are dropped."""
     name = str(name or "").strip() or DEFAULT_MODEL
-    allowed = allowed_models()
-    if allowed is not None and name not in allowed:
-        raise InputError(f"this app only loads {', '.join(sorted(allowed))}; run it yourself to try other models")
+    check_model(name, LIMITS)  # which models, how large: refused here before anything is loaded or downloaded
     handle = shared_model(name, progress=lambda f, m: progress(f, desc=m))
     workspace.switch_model(name, handle)
     start_preparation(name)  # the model is loaded: this prepares its first edit in the background
@@ -615,8 +608,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
         status_poll = gr.Timer(1.0)
         with gr.Accordion("Model", open=False):
             with gr.Row():
-                model_field = gr.Textbox(label="Model: 'default' (embedded Gemma 3 270M), a Hugging Face name or a local folder",
-                                         value=model_name, scale=4)
+                model_field = gr.Textbox(label=field_label(), value=model_name, scale=4)
                 load_button = gr.Button("Load", scale=1)
         with gr.Tabs() as tabs:
             with gr.Tab("Trace", id="trace", elem_id="trace-panel"):
@@ -665,7 +657,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                     generate = gr.Textbox(label="Prompts to complete (one per line)", lines=3, value="The Eiffel Tower is located in")
                 with gr.Row():
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                    edit_cancel = gr.Button("Cancel", variant="stop", elem_id="trace-cancel")
+                    edit_cancel = gr.Button("Cancel", variant="stop", elem_id="edit-cancel")
                 generations = gr.HTML(label="Completions: original | edited", elem_id="edit-generations")
                 bars = gr.Plot(label="P(new) and P(true) before vs after", elem_id="edit-bars")
                 table = gr.Dataframe(headers=COMPARISON_HEADERS, label="Before vs after", interactive=False)
@@ -698,11 +690,11 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                     with gr.Column():
                         limit = gr.Slider(1, LIMITS.max_facts, value=5, step=1, label="Facts")
                         average_kinds = gr.CheckboxGroup(list(KINDS), value=["mlp"], label="Kinds")
-                        average_samples = gr.Slider(1, LIMITS.max_samples, value=10, step=1, label="Samples", elem_id="trace-samples")
+                        average_samples = gr.Slider(1, LIMITS.max_samples, value=10, step=1, label="Samples", elem_id="average-samples")
                 with gr.Row():
                     average_button = gr.Button("Average effects", variant="primary")
                     severed_button = gr.Button("Severed paths")
-                    average_cancel = gr.Button("Cancel", variant="stop", elem_id="trace-cancel")
+                    average_cancel = gr.Button("Cancel", variant="stop", elem_id="average-cancel")
                 average_summary = gr.Markdown(label="summary")
                 average_plot = gr.Plot(label="Average effects")
                 average_file = gr.File(label="Download (JSON)", interactive=False)

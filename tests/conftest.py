@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.ci_strict import pytest_runtest_makereport  # noqa: F401  (a hook: CI turns skips into failures)
+
 REPO = Path(__file__).resolve().parent.parent
 # One cache for the whole test session, inside the checkout (ignored by git): a fresh CI clone converts
 # the embedded model once, through the real loader, and every later test reloads that copy.

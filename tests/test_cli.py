@@ -2,13 +2,17 @@
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import torch
 
+from explorer.cli import build_parser, _options
 from tests.conftest import REPO, build_tiny
 
 PROMPT = "The Eiffel Tower is located in the city of"
+BUNDLED = json.loads((REPO / "assets" / "known_facts.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +28,125 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "explorer", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+# The tests' own view of the saved tiny model: plain transformers calls, none of the explorer's code.
+@pytest.fixture(scope="module")
+def plain(tiny_folder):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+@contextmanager
+def _one_thread():
+    """Tiny forward passes run fastest on one thread (and far faster on a busy machine); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+_TOP: dict = {}
+
+
+def _top(plain, prompt):
+    """The model's top-1 next token after ``prompt`` (cached per model and prompt)."""
+    tokenizer, model = plain
+    key = (id(model), prompt)
+    if key not in _TOP:
+        with _one_thread(), torch.no_grad():
+            _TOP[key] = int(model(input_ids=tokenizer(prompt, return_tensors="pt")["input_ids"]).logits[0, -1].argmax())
+    return _TOP[key]
+
+
+def _is_correct(plain, record):
+    """The documented test of a known fact: the top-1 token is the first token of ' ' + attribute."""
+    tokenizer = plain[0]
+    answer = tokenizer(" " + record["attribute"].strip(), add_special_tokens=False)["input_ids"]
+    return bool(answer) and answer[0] == _top(plain, record["prompt"])
+
+
+@pytest.fixture(scope="module")
+def mixed_facts(plain, tmp_path_factory):
+    """Bundled prompts as a fact set the random tiny model half knows: 3 facts whose attribute is the model's
+    own top-1 token (it gets them right), 2 with their true attribute (it gets them wrong), interleaved."""
+    tokenizer = plain[0]
+    right, wrong = [], []
+    for record in BUNDLED:
+        own = dict(record, attribute=tokenizer.decode([_top(plain, record["prompt"])]).strip(), prediction="")
+        if len(right) < 3 and own["attribute"] and _is_correct(plain, own):
+            right.append(own)
+        elif len(wrong) < 2 and not _is_correct(plain, record):
+            wrong.append(record)
+        if len(right) == 3 and len(wrong) == 2:
+            break
+    assert len(right) == 3 and len(wrong) == 2
+    records = [wrong[0], right[0], right[1], wrong[1], right[2]]
+    path = tmp_path_factory.mktemp("facts") / "mixed.json"
+    path.write_text(json.dumps(records))
+    return path, records, right
+
+
+def _noise_std(plain, multiple=3.0):
+    """σ of the noise: ``multiple`` × std of the token embeddings of every bundled subject."""
+    tokenizer, model = plain
+    ids = [i for subject in sorted({r["subject"] for r in BUNDLED}) for i in tokenizer(subject, add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        return multiple * float(model.get_input_embeddings()(torch.tensor([ids])).std())
+
+
+def _oracle_hidden_trace(plain, prompt, subject, samples, seed=1):
+    """ROME's hidden-state trace, one forward pass per cell: (scores [token, layer], low, high, subject range).
+
+    Only the rows the tests read are computed (first and last subject token, last token); the others are NaN.
+    """
+    tokenizer, model = plain
+    encoding = tokenizer(prompt, return_offsets_mapping=True)
+    ids = torch.tensor([encoding["input_ids"]]).repeat(samples + 1, 1)
+    char_start = prompt.index(subject)
+    covered = [i for i, (a, b) in enumerate(encoding["offset_mapping"]) if a < char_start + len(subject) and b > char_start]
+    start, end = covered[0], covered[-1] + 1
+    noise = torch.from_numpy(np.random.RandomState(seed).randn(samples, end - start, model.config.n_embd)).float()
+    noise = noise * _noise_std(plain)
+
+    def corrupt(_module, _inputs, output):
+        output = output.clone()
+        output[1:, start:end] += noise
+        return output
+
+    def run(restore=None):
+        hooks = [model.get_input_embeddings().register_forward_hook(corrupt)]
+        if restore is not None:
+            layer, token = restore
+
+            def patch(_module, _inputs, output):
+                hidden = (output if isinstance(output, torch.Tensor) else output[0]).clone()
+                hidden[1:, token] = hidden[0, token]
+                return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+            hooks.append(model.transformer.h[layer].register_forward_hook(patch))
+        try:
+            with torch.no_grad():
+                return torch.softmax(model(input_ids=ids).logits[:, -1].double(), dim=-1)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    with _one_thread():
+        clean = run()
+        answer = int(clean[0].argmax())
+        scores = np.full((ids.shape[1], model.config.n_layer), np.nan)
+        for token in {start, end - 1, ids.shape[1] - 1}:
+            scores[token] = [float(run((layer, token))[1:, answer].mean()) for layer in range(model.config.n_layer)]
+    return scores, float(clean[1:, answer].mean()), float(clean[0, answer]), (start, end)
+
+
 def test_trace_writes_json_npz_and_html(tiny_folder, tmp_path):
     out = _run("trace", PROMPT, "--subject", "Eiffel Tower", "--model", str(tiny_folder), "--samples", "3", "--window", "2",
-               "--json", str(tmp_path / "t.json"), "--npz", str(tmp_path / "t.npz"), "--html", str(tmp_path / "t.html"))
+               "--kinds", "hidden,mlp", "--kinds", "attn", "--json", str(tmp_path / "t.json"), "--npz", str(tmp_path / "t.npz"), "--html", str(tmp_path / "t.html"))
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "t.json").read_text())
     for key in ("model", "prompt", "subject", "tokens", "subject_range", "answer", "high_score", "low_score",
@@ -60,25 +180,117 @@ def test_bad_input_exits_2_with_one_line(tiny_folder, args, message):
     assert last.startswith("error:") and message in last
 
 
-def test_average_and_severed_json(tiny_folder, tmp_path):
-    facts = tmp_path / "facts.json"
-    records = json.loads((REPO / "assets" / "known_facts.json").read_text())[:3]
-    facts.write_text(json.dumps(records))
-    out = _run("average", str(facts), "--model", str(tiny_folder), "--samples", "2", "--kinds", "hidden", "--json", str(tmp_path / "a.json"))
+def _close(actual, expected):
+    return np.allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def _finite_probabilities(values):
+    values = np.asarray(values, dtype=float)
+    return bool(np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all())
+
+
+def test_average_and_severed_use_exactly_the_known_facts(tiny_folder, plain, mixed_facts, tmp_path):
+    path, records, right = mixed_facts
+    traces = {r["prompt"]: _oracle_hidden_trace(plain, r["prompt"], r["subject"], samples=2) for r in right}
+    n_layers = plain[1].config.n_layer
+
+    out = _run("average", str(path), "--model", str(tiny_folder), "--samples", "2", "--kinds", "hidden", "--json", str(tmp_path / "a.json"))
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "a.json").read_text())
-    assert data["facts_total"] == 3 and 0 <= data["facts_correct"] <= 3
-    assert set(data["hidden"]) >= {"first_subject_token", "last_subject_token", "last_token"}
-    out = _run("severed", PROMPT, "--subject", "Eiffel Tower", "--model", str(tiny_folder), "--samples", "2", "--json", str(tmp_path / "s.json"))
+    assert data["facts_total"] == 5 and data["facts_correct"] == 3
+    assert "3 of 5 facts predicted correctly" in out.stderr
+    assert {"mlp", "attn"}.isdisjoint(data)
+    # The averages are over the 3 known facts only: the oracle's traces of those, category by category.
+    lows = [low for _, low, _, _ in traces.values()]
+    highs = [high for _, _, high, _ in traces.values()]
+    assert _close(data["high_score"], np.mean(highs)) and _close(data["low_score"], np.mean(lows))
+    picks = {"first_subject_token": lambda scores, start, end: scores[start],
+             "last_subject_token": lambda scores, start, end: scores[end - 1],
+             "last_token": lambda scores, start, end: scores[-1]}
+    for category, pick in picks.items():
+        rows = [pick(scores, *span) for scores, _, _, span in traces.values()]
+        effects = [pick(scores, *span) - low for scores, low, _, span in traces.values()]
+        found = data["hidden"][category]
+        assert found["count"] == 3 and found["indirect_effect"]["count"] == 3, category
+        assert len(found["mean"]) == len(found["ci95"]) == n_layers
+        assert _close(found["mean"], np.mean(rows, axis=0)), (category, found["mean"], np.mean(rows, axis=0))
+        assert _close(found["indirect_effect"]["mean"], np.mean(effects, axis=0)), category
+        assert np.isfinite(found["ci95"]).all() and (np.asarray(found["ci95"]) >= 0).all()
+        assert _finite_probabilities(found["mean"])
+    # Restoring the last layer at the last token gives back the clean run: the mean clean probability.
+    assert _close(data["hidden"]["last_token"]["mean"][-1], data["high_score"])
+
+    # severed: the fact set's known facts (3, in the file's order) and a typed prompt, both inputs used.
+    out = _run("severed", str(path), PROMPT, "--subject", "Eiffel Tower", "--model", str(tiny_folder), "--samples", "2",
+               "--json", str(tmp_path / "s.json"))
     assert out.returncode == 0, out.stderr
     severed = json.loads((tmp_path / "s.json").read_text())
-    assert len(severed["ordinary"]["mean"]) == len(severed["mlp_severed"]["mean"]) == 4
+    traces[PROMPT] = _oracle_hidden_trace(plain, PROMPT, "Eiffel Tower", samples=2)
+    assert severed["prompts"] == 4
+    assert _close(severed["high_score"], np.mean([high for _, _, high, _ in traces.values()]))
+    assert _close(severed["low_score"], np.mean([low for _, low, _, _ in traces.values()]))
+    ordinary = [scores[end - 1] for scores, _, _, (_, end) in traces.values()]
+    assert severed["ordinary"]["count"] == 4 and _close(severed["ordinary"]["mean"], np.mean(ordinary, axis=0))
+    for key in ("mlp_severed", "attn_severed"):
+        assert severed[key]["count"] == 4 and len(severed[key]["mean"]) == n_layers
+        assert _finite_probabilities(severed[key]["mean"]) and np.isfinite(severed[key]["ci95"]).all()
+        # Nothing lies above the last layer to sever: there it is the ordinary restoration.
+        assert _close(severed[key]["mean"][-1], severed["ordinary"]["mean"][-1])
+
+
+def test_known_counts_predictions_and_json(tiny_folder, plain, mixed_facts, tmp_path):
+    path, records, _ = mixed_facts
+    tokenizer = plain[0]
+    expected = {}
+    for record in records:
+        counts = expected.setdefault(record["relation_id"], {"correct": 0, "total": 0})
+        counts["correct"] += _is_correct(plain, record)
+        counts["total"] += 1
+    assert sum(c["correct"] for c in expected.values()) == 3 and len(expected) == 2  # the fixture's mix
+
+    out = _run("known", str(path), "--model", str(tiny_folder), "--write-predictions", str(tmp_path / "p.json"),
+               "--json", str(tmp_path / "k.json"))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "3 of 5 facts completed correctly"
+    assert json.loads((tmp_path / "k.json").read_text()) == {"facts_total": 5, "facts_correct": 3, "relations": expected}
+    written = json.loads((tmp_path / "p.json").read_text())
+    assert len(written) == len(records)
+    for index, (old, new) in enumerate(zip(records, written)):
+        assert new["prediction"] == tokenizer.decode([_top(plain, old["prompt"])]), index
+        assert new == {**old, "prediction": new["prediction"]}, index
+        assert set(new) == {"known_id", "subject", "attribute", "template", "prediction", "prompt", "relation_id"}
+    # The written file is itself a fact set: known reads it back with the same counts, to stdout without --json.
+    again = _run("known", str(tmp_path / "p.json"), "--model", str(tiny_folder))
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"facts_total": 5, "facts_correct": 3, "relations": expected}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        ('[{"subject": "x"', "is not valid UTF-8 JSON"),
+    ],
+)
+def test_known_bad_input_exits_2_with_one_line(tiny_folder, tmp_path, content, message):
+    path = tmp_path / "facts.json"
+    if content is not None:
+        path.write_text(content)
+    out = _run("known", str(path), "--model", str(tiny_folder), "--json", str(tmp_path / "k.json"))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], out.stderr
+    assert not (tmp_path / "k.json").exists()
 
 
 def test_edit_reports_saves_and_reapplies(tiny_folder, tmp_path):
     common = ("--model", str(tiny_folder), "--layer", "1", "--stats-corpus", "identity", "--steps", "3", "--tokens", "5")
+    filled = "The Eiffel Tower is located in the city of"
+    # Every list flag given twice, the first time with two values: all of them, in order, reach the report.
     out = _run("edit", "--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", " Rome",
-               "--generate", "The Eiffel Tower is", "--json", str(tmp_path / "e.json"), "--save-edit", str(tmp_path / "e.npz"),
+               "--generate", "The Eiffel Tower is", "Paris is", "--paraphrase", filled, "--neighborhood", filled,
+               "--json", str(tmp_path / "e.json"), "--save-edit", str(tmp_path / "e.npz"),
+               "--generate", "Rome is", "--paraphrase", "The Louvre is in", "--neighborhood", "The Colosseum is in",
                "--clamp-factor", "0.5", "--loss-stop", "0.01", *common)
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "e.json").read_text())
@@ -89,12 +301,52 @@ def test_edit_reports_saves_and_reapplies(tiny_folder, tmp_path):
     assert data["request"]["target_true"]  # filled in from the model's own top-1 token
     for side in ("before", "after"):
         assert set(data[side]) >= {"target_new_prob", "target_true_prob", "generations"}
-        assert data[side]["generations"][0]["prompt"] == "The Eiffel Tower is"
+        assert [g["prompt"] for g in data[side]["generations"]] == ["The Eiffel Tower is", "Paris is", "Rome is"]
+        for group, prob in (("paraphrases", "target_new_prob"), ("neighborhood", "target_true_prob")):
+            # Both given: the first (the edit prompt itself) scores as the edit prompt, the second differently.
+            first, second = data[side][group][prob]
+            assert first == pytest.approx(data[side][prob], rel=1e-4) and second != pytest.approx(first, rel=1e-3)
     assert data["after"]["target_new_prob"] != data["before"]["target_new_prob"]
     stacked = _run("edit", "--prompt", "{} plays the", "--subject", "Miles Davis", "--target", " guitar",
-                   "--apply-edit", str(tmp_path / "e.npz"), "--json", str(tmp_path / "s.json"), *common)
+                   "--apply-edit", str(tmp_path / "e.npz"), "--json", str(tmp_path / "s.json"),
+                   "--apply-edit", str(tmp_path / "e.npz"), *common)
     assert stacked.returncode == 0, stacked.stderr
-    assert json.loads((tmp_path / "s.json").read_text())["edits_applied_first"] == 1
+    assert json.loads((tmp_path / "s.json").read_text())["edits_applied_first"] == 2
+
+
+EDIT_BASE = ["edit", "--prompt", "{} is in", "--subject", "Paris", "--target", " Rome"]
+
+
+@pytest.mark.parametrize("flag, dest", [("--generate", "generate"), ("--paraphrase", "paraphrase"),
+                                        ("--neighborhood", "neighborhood"), ("--apply-edit", "apply_edit")])
+def test_list_flags_add_up_when_repeated(flag, dest):
+    parser = build_parser()
+    assert getattr(parser.parse_args([*EDIT_BASE, flag, "A", "B"]), dest) == ["A", "B"]
+    assert getattr(parser.parse_args([*EDIT_BASE, flag, "A", "--tokens", "5", flag, "B", "C"]), dest) == ["A", "B", "C"]
+    assert getattr(parser.parse_args([*EDIT_BASE, flag, "A", flag, "B"]), dest) == ["A", "B"]
+    # The default list is copied, not extended in place: a later parse without the flag starts empty again.
+    assert getattr(parser.parse_args(EDIT_BASE), dest) == []
+    assert getattr(build_parser().parse_args(EDIT_BASE), dest) == []
+
+
+def test_kinds_add_up_when_repeated():
+    parser = build_parser()
+    kinds = lambda *argv: _options(parser.parse_args(["trace", PROMPT, *argv])).kinds
+    assert kinds() == ("hidden", "mlp", "attn")
+    assert kinds("--kinds", "mlp") == ("mlp",)
+    assert kinds("--kinds", "attn", "--samples", "2", "--kinds", "hidden,mlp") == ("attn", "hidden", "mlp")
+    assert kinds("--kinds", "mlp,hidden", "--kinds", "mlp") == ("mlp", "hidden")
+    assert kinds() == ("hidden", "mlp", "attn")
+
+
+def test_severed_inputs_are_all_kept_or_refused(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["severed", "a.json", PROMPT, "--samples", "2"]).inputs == ["a.json", PROMPT]
+    assert parser.parse_args(["severed", "--samples", "2", "a.json", PROMPT]).inputs == ["a.json", PROMPT]
+    # Inputs split by an option: argparse cannot take the second; it must say so, not drop it.
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["severed", "a.json", "--samples", "2", PROMPT])
+    assert exit_.value.code == 2 and f"unrecognized arguments: {PROMPT}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

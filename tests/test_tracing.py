@@ -1,14 +1,83 @@
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 from explorer.prompts import InputError
-from explorer.tracing import KINDS, Cell, TraceOptions, plan_pass, trace, trace_severed, window_layers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from explorer.tracing import KINDS, Cell, TraceOptions, embedding_std, plan_pass, subject_noise, trace, trace_severed, window_layers
+from tests import oracle
 from tests.conftest import FAMILIES, build_tiny
-from tests.oracle import oracle_cell_score, oracle_trace
+
+# Generated cases per family for the fuzzed comparison with the oracle.
+TRACE_EXAMPLES = 20
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the models are tiny, and on a busy 2-core machine a second thread only waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
+
+
+# The hand-worked window table: (layer, window, layers) -> restored layers, from the paper's definition
+# (w layers centred on l: l - w//2 up to l + ceil(w/2), clipped to the model).
+WINDOWS = {
+    (0, 1, 4): [0], (3, 1, 4): [3],
+    (0, 2, 4): [0], (1, 2, 4): [0, 1], (3, 2, 4): [2, 3],
+    (0, 3, 4): [0, 1], (1, 3, 4): [0, 1, 2], (2, 3, 4): [1, 2, 3], (3, 3, 4): [2, 3],
+    (0, 4, 4): [0, 1], (2, 4, 4): [0, 1, 2, 3], (3, 4, 4): [1, 2, 3],
+    (0, 10, 4): [0, 1, 2, 3], (3, 10, 4): [0, 1, 2, 3], (2, 9, 4): [0, 1, 2, 3],
+    (5, 10, 18): [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], (6, 10, 18): [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+    (17, 10, 18): [12, 13, 14, 15, 16, 17], (13, 10, 18): [8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
+}
+
+
+@pytest.mark.parametrize("case", sorted(WINDOWS))
+def test_window_bounds_follow_the_papers_definition(case):
+    assert oracle.window(*case) == WINDOWS[case]
+    assert list(window_layers(*case)) == WINDOWS[case]
+
+
+def test_noise_draws_are_the_pinned_stream():
+    """Seed 1's first draws of the legacy numpy generator (known values): the convention both sides follow."""
+    np.testing.assert_allclose(oracle.noise_draws(1, 1, 3, 1).ravel(), [1.62434536, -0.61175641, -0.52817175], atol=1e-8)
+    np.testing.assert_array_equal(subject_noise(2, 3, 5, 7), oracle.noise_draws(2, 3, 5, 7))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])  # a plain embedding, a scaled one (Gemma multiplies by √d)
+def test_sigma_is_the_std_of_the_subjects_embedding_outputs(family):
+    handle = build_tiny(family)
+    expected = oracle.sigma(handle.model, handle.tokenizer)
+    assert embedding_std(handle) == pytest.approx(expected, rel=1e-6)
+    result = trace(handle, PROMPT, SUBJECT, TraceOptions(samples=1, kinds=("hidden",), noise=2.5))
+    assert result.noise_std == pytest.approx(2.5 * expected, rel=1e-6)
+
+
+def _assert_matches_oracle(handle, prompt, subject, options, result, tolerance, least_move):
+    """The engine's trace equals the oracle's per-cell loop, and every kind's comparison has something to compare."""
+    expected = oracle.trace(
+        handle.model, handle.tokenizer, prompt, subject, kinds=options.kinds, samples=options.samples,
+        window_size=options.window, noise=options.noise, seed=options.seed, target=options.target,
+    )
+    assert result.subject_range == expected.subject_range
+    assert result.answer_id == expected.answer_id
+    assert result.high_score == pytest.approx(expected.high_score, abs=tolerance)
+    assert result.low_score == pytest.approx(expected.low_score, abs=tolerance)
+    for kind in options.kinds:
+        np.testing.assert_allclose(result.scores[kind], expected.scores[kind], atol=tolerance, rtol=0, err_msg=kind)
+        # Not vacuous: restoring moves the answer's probability by far more than the tolerance somewhere.
+        assert np.abs(expected.scores[kind] - expected.low_score).max() > least_move, kind
 
 
 @pytest.mark.parametrize("family", FAMILIES + ["gemma3_text_short_window"])
@@ -16,32 +85,56 @@ def test_fast_engine_matches_the_per_cell_loop(family):
     handle = build_tiny(family)
     options = TraceOptions(samples=4, window=3, noise=3.0, seed=3)
     result = trace(handle, PROMPT, SUBJECT, options)
-    for kind in KINDS:
-        expected = oracle_trace(handle, result, kind)
-        assert result.scores[kind].shape == expected.shape == (len(result.tokens), 4)
-        np.testing.assert_allclose(result.scores[kind], expected, atol=1e-5, rtol=0, err_msg=f"{family} {kind}")
-    # the restoration does something: some cell differs from the corrupted run
-    assert np.abs(result.scores["hidden"] - result.low_score).max() > 1e-4
+    _assert_matches_oracle(handle, PROMPT, SUBJECT, options, result, tolerance=1e-5, least_move=1e-3)
+
+
+@functools.lru_cache(maxsize=None)
+def _float64(family: str):
+    handle = build_tiny(family)
+    handle.model.double()
+    return handle
+
+
+# Subjects the tiny tokenizers know (trained on the bundled prompts); "Paris" is one token in both.
+SUBJECTS = ["Eiffel Tower", "Paris", "Steve Jobs", "the Louvre"]
+TEMPLATES = {  # where the subject sits: first (token 0 without a BOS), inside, or last
+    "first": "{} is located in the city of",
+    "inside": "The famous {} is located in the city of",
+    "last": "The city of the famous {}",
+}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3_text_short_window"])
+@settings(max_examples=TRACE_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    subject=st.sampled_from(SUBJECTS),
+    where=st.sampled_from(sorted(TEMPLATES)),
+    window=st.sampled_from([1, 2, 3, 4, 9]),  # 9 is wider than twice the 4 layers
+    samples=st.sampled_from([1, 3]),
+    memory_mb=st.sampled_from([0, 1, 1024]),  # one cell per pass, a few, all
+    seed=st.integers(0, 2**32 - 1),
+    streamed=st.booleans(),
+)
+def test_fuzzed_traces_match_the_independent_oracle(family, subject, where, window, samples, memory_mb, seed, streamed):
+    """In float64 the only difference left is the engine's float32 softmax (within 3e-7 of float64, by design):
+    a slip of a cell, a window, a token or a draw shows far above that."""
+    handle = _float64(family)
+    prompt = TEMPLATES[where].format(subject)
+    options = TraceOptions(samples=samples, window=window, seed=seed, memory_mb=memory_mb)
+    result = trace(handle, prompt, subject, options, partial=(lambda _partial: None) if streamed else None)
+    _assert_matches_oracle(handle, prompt, subject, options, result, tolerance=5e-7, least_move=5e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3_text", "llama"])
 def test_severed_paths_match_the_per_cell_loop(family):
     handle = build_tiny(family)
-    options = TraceOptions(samples=3, seed=5)
-    result = trace_severed(handle, PROMPT, SUBJECT, options)
-    full = trace(handle, PROMPT, SUBJECT, TraceOptions(samples=3, seed=5, kinds=("hidden",)))
-    ids = torch.tensor([handle.tokenizer(PROMPT)["input_ids"]])
-    start, end = full.subject_range
-    from explorer.tracing import subject_noise
-
-    noise = torch.from_numpy(subject_noise(3, end - start, 64, 5)) * full.noise_std
-    token = end - 1
-    np.testing.assert_allclose(result.scores["ordinary"], full.scores["hidden"][token], atol=1e-5, rtol=0)
-    for key, kind in (("mlp_severed", "mlp"), ("attn_severed", "attn")):
-        for layer in range(4):
-            freezes = [(kind, k, token) for k in range(layer + 1, 4)]
-            expected = oracle_cell_score(handle, ids, full.subject_range, noise, full.answer_id, [("hidden", layer, token)], freezes)
-            assert abs(result.scores[key][layer] - expected) < 1e-5, (key, layer)
+    result = trace_severed(handle, PROMPT, SUBJECT, TraceOptions(samples=3, noise=6.0, seed=2))
+    expected = oracle.severed(handle.model, handle.tokenizer, PROMPT, SUBJECT, samples=3, noise=6.0, seed=2)
+    for key, curve in expected.items():
+        np.testing.assert_allclose(result.scores[key], curve, atol=1e-5, rtol=0, err_msg=key)
+    # Freezing changes something, by far more than the tolerance: the comparison of the severed curves is not vacuous.
+    for key in ("mlp_severed", "attn_severed"):
+        assert np.abs(expected[key] - expected["ordinary"]).max() > 1e-3, key
 
 
 def test_subject_tokens_bos_and_no_bos():

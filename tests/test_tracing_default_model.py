@@ -3,15 +3,21 @@ import numpy as np
 import pytest
 
 from explorer.tracing import KINDS, TraceOptions, trace
-from tests.oracle import oracle_trace
+from tests import oracle
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fast_engine_matches_the_per_cell_loop_on_the_default_model(default_model, kind):
     # Four samples keep the oracle's full-model loop affordable on 2 cores; exactness does not depend on it.
-    result = trace(default_model, "The Eiffel Tower is in", "The Eiffel Tower", TraceOptions(kinds=(kind,), samples=4))
-    expected = oracle_trace(default_model, result, kind)
-    np.testing.assert_allclose(result.scores[kind], expected, atol=1e-5, rtol=0)
+    prompt, subject = "The Eiffel Tower is in", "The Eiffel Tower"
+    result = trace(default_model, prompt, subject, TraceOptions(kinds=(kind,), samples=4))
+    expected = oracle.trace(
+        default_model.model, default_model.tokenizer, prompt, subject, kinds=(kind,), samples=4, window_size=10, noise=3.0, seed=1
+    )
+    assert (result.subject_range, result.answer_id) == (expected.subject_range, expected.answer_id)
+    assert result.noise_std == pytest.approx(3.0 * expected.sigma, rel=1e-6)
+    np.testing.assert_allclose(result.scores[kind], expected.scores[kind], atol=1e-5, rtol=0)
+    assert np.abs(expected.scores[kind] - expected.low_score).max() > 0.05  # restoring matters: not a vacuous comparison
 
 
 def test_eiffel_tower_trace_shows_early_mlp_at_subject_and_late_hidden_at_last_token(default_model):
