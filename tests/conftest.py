@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,24 @@ def build_tiny(family: str, seed: int = 0):
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 0, 1, 2
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return prepare(f"tiny-{family}", model, tokenizer)
+
+
+@contextmanager
+def one_torch_thread():
+    """Tiny models run fastest on one torch thread: on a busy 2-core machine a second one only spins (10-40x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The module's tests run on one torch thread (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    with one_torch_thread():
+        yield
 
 
 def traced_scores(trace_output) -> dict:

@@ -2,14 +2,13 @@
 import json
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 
 from explorer.cli import build_parser, _options
-from tests.conftest import REPO, build_tiny
+from tests.conftest import REPO, build_tiny, one_torch_thread
 
 PROMPT = "The Eiffel Tower is located in the city of"
 BUNDLED = json.loads((REPO / "assets" / "known_facts.json").read_text())
@@ -38,17 +37,6 @@ def plain(tiny_folder):
     return tokenizer, model
 
 
-@contextmanager
-def _one_thread():
-    """Tiny forward passes run fastest on one thread (and far faster on a busy machine); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 _TOP: dict = {}
 
 
@@ -57,7 +45,7 @@ def _top(plain, prompt):
     tokenizer, model = plain
     key = (id(model), prompt)
     if key not in _TOP:
-        with _one_thread(), torch.no_grad():
+        with one_torch_thread(), torch.no_grad():
             _TOP[key] = int(model(input_ids=tokenizer(prompt, return_tensors="pt")["input_ids"]).logits[0, -1].argmax())
     return _TOP[key]
 
@@ -135,7 +123,7 @@ def _oracle_hidden_trace(plain, prompt, subject, samples, seed=1):
             for hook in hooks:
                 hook.remove()
 
-    with _one_thread():
+    with one_torch_thread():
         clean = run()
         answer = int(clean[0].argmax())
         scores = np.full((ids.shape[1], model.config.n_layer), np.nan)

@@ -47,13 +47,7 @@ FAMILIES = ("gpt2", "llama")  # gpt2's tokenizer adds no special tokens; llama's
 NLL_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # batched-vs-single float32 differs by ~1e-5 at most
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, two spinning threads make each tiny forward ~40x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -370,7 +364,7 @@ def llama_folder(tmp_path_factory):
 
 def _run(*args):
     """``python -m explorer ARGS`` as users run it (tests/test_cli.py's pattern), with one torch thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see _one_thread
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as in the one_thread fixture
     return subprocess.run([sys.executable, "-m", "explorer", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
