@@ -9,27 +9,26 @@ estimator's, both timed in this run. Exact traces are kept in benchmarks/results
 Prints per estimator and kind: the mean Pearson correlation of the indirect effects over all cells
 (± 95% CI over facts), how often the peak token and the peak cell agree, and for MLP, on the facts whose
 exact peak is at a subject token, how often the estimate peaks at that same token; and time per trace.
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explorer.aggregate import predicts  # noqa: E402
-from explorer.attribution import ESTIMATORS, estimate_trace  # noqa: E402
-from explorer.attribution import agreement as compare  # noqa: E402
-from explorer.export import trace_from_json, trace_to_json  # noqa: E402
-from explorer.facts import load_facts  # noqa: E402
-from explorer.models import load_model  # noqa: E402
-from explorer.tracing import KINDS, TraceOptions, trace  # noqa: E402
+from explorer.aggregate import predicts
+from explorer.attribution import ESTIMATORS, estimate_trace
+from explorer.attribution import agreement as compare
+from explorer.export import trace_from_json, trace_to_json
+from explorer.facts import load_facts
+from explorer.models import load_model
+from explorer.tracing import KINDS, TraceOptions, trace
 
 EXACT = Path(__file__).resolve().parent / "results" / "atp_exact_traces.json"
 

@@ -4,19 +4,18 @@ Trace to three heatmaps drawn (the paper's defaults), timed in headless Chromium
     python benchmarks/bench_app.py [--screenshots assets] [--skip-edit]
 
 With --screenshots it also saves the trace panel and, after an edit (Eiffel Tower -> Rome), the edit panel.
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.app_server import launch_browser, running_app  # noqa: E402
-from tests.test_browser import PROMPT, SUBJECT, edit, trace  # noqa: E402
+from explorer.testing.app_server import launch_browser, running_app
+from explorer.testing.page import PROMPT, SUBJECT, edit, trace
 
 
 def main() -> None:

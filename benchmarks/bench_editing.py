@@ -7,21 +7,19 @@ Without --layer, edits use the model's default layer (1 for the embedded model).
 The first edit pays the one-time costs (context prefixes, key statistics, unless already cached; and the
 keys/values of the prefixes' own tokens, in the "context" column); the
 following ones show the per-edit cost. Each edit is also checked: P(target_new) before and after.
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explorer.editing import EditOptions, compute_edit, make_request  # noqa: E402
-from explorer.edits import EditSession  # noqa: E402
-from explorer.models import load_model  # noqa: E402
-from explorer.scoring import target_probabilities  # noqa: E402
-from explorer.stats import StatsSpec  # noqa: E402
+from explorer.editing import EditOptions, compute_edit, make_request
+from explorer.edits import EditSession
+from explorer.models import load_model
+from explorer.scoring import target_probabilities
+from explorer.stats import StatsSpec
 
 REQUESTS = [
     ("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),

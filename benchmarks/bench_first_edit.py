@@ -10,6 +10,8 @@ App: `python app.py` on an empty statistics/prefix cache; /edit is called throug
 the page is served (it waits for the model and for the start-up preparation), while /model_status is polled
 to see when the model finished loading. Prints seconds from the model being ready to the edit's panel, for
 a fresh start and for a restart with the statistics cached.
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -23,11 +25,10 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from explorer.models import cache_root, default_model_folder
+from explorer.testing.app_server import running_app
 
-from explorer.models import cache_root, default_model_folder  # noqa: E402
-from tests.app_server import running_app  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 EDIT = ["--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", " Rome"]
 APP_EDIT = ("{} is located in the city of", "The Eiffel Tower", " Rome", "", "", "rome", "",

@@ -7,17 +7,15 @@ else runs), then through gradio_client submits the bundled Eiffel Tower trace (3
 window 10) and polls the job: seconds to the first update that carries heatmaps, seconds to the final
 result, and seconds for the identical trace submitted again (served from the app's cache). Each round
 uses a new prompt ending, so its first trace is computed, not cached.
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.app_server import running_app  # noqa: E402
+from explorer.testing.app_server import running_app
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "The Eiffel Tower is located in the country of",
            "The Eiffel Tower stands in the city of"]

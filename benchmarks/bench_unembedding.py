@@ -11,20 +11,18 @@
 The states are real final-normed states of the model (prompts with noise on their embeddings), as
 many rows as one kind of a 10-token trace scores. Prints the best of ``--repeat`` runs for each, the
 ratios, and the largest difference from a float64 softmax.
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explorer.models import load_model  # noqa: E402
-from explorer.tracing import VOCAB_BLOCK, answer_probabilities  # noqa: E402
+from explorer.models import load_model
+from explorer.tracing import VOCAB_BLOCK, answer_probabilities
 
 
 def whole_rows_float64_sum(handle, states: torch.Tensor, answer_id: int) -> torch.Tensor:

@@ -14,19 +14,18 @@ Gemma's BOS; the target without). Per case it prints:
 A case is *known* when both ``prompt`` and ``top1`` hold. The summary gives the known count and the
 mean shares; the mean neighbourhood share is the unedited "neighbourhood score" (NS) of CounterFact.
 ``--keep-known OUT`` writes the known cases, renumbered 0..N-1, to OUT.
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explorer.models import load_model  # noqa: E402
+from explorer.models import load_model
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "counterfact_sample.json"
 

@@ -19,24 +19,23 @@ Variants (all on the default model, the project's CounterFact sample set, genera
   ft              FT+L (Adam on W, L∞ ≤ 5e-4)
 
 Prints each variant's metrics (± 95% CI), its mean seconds per edit and its mean value-optimisation steps.
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explorer.editing import EditOptions  # noqa: E402
-from explorer.evaluate import EvaluationSettings, evaluate, read_dataset  # noqa: E402
-from explorer.models import load_model  # noqa: E402
-from explorer.stats import StatsSpec  # noqa: E402
+from explorer.editing import EditOptions
+from explorer.evaluate import EvaluationSettings, evaluate, read_dataset
+from explorer.models import load_model
+from explorer.stats import StatsSpec
 
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "counterfact_sample.json"
 

@@ -5,6 +5,8 @@
 For each metric: A's and B's mean (± 95% CI, normal approximation over cases, as `evaluate` prints it) and
 the mean of the per-case difference B − A with its 95% CI (normal approximation over the paired
 differences). A difference whose interval holds 0 is not a measured difference.
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 

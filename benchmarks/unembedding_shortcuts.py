@@ -14,19 +14,17 @@ to 1e-5 while computing few logits, and this script measures whether either appl
   one of the 262k logits, useless for a 1e-5 answer).
 
 The rows are the final-normed states the engine scores for the full three-kind trace (paper defaults).
+
+Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from explorer import tracing  # noqa: E402
-from explorer.models import load_model  # noqa: E402
+from explorer import tracing
+from explorer.models import load_model
 
 
 def traced_final_states(handle, prompt: str, subject: str) -> torch.Tensor:

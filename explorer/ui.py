@@ -174,16 +174,27 @@ def streamed(work, every: float):
             return
 
 
-def reporter(workspace: Workspace, progress):
-    """A progress callback that also stops the job once this session pressed cancel."""
-    workspace.cancel.clear()
+class JobReport:
+    """The progress callback of one job of a session; it stops the job once the session pressed cancel.
 
-    def report(fraction: float, message: str) -> None:
-        if workspace.cancel.is_set():
+    Each job has a cancel flag of its own, which becomes the session's current one: a job started right
+    after a cancel must not clear the flag that the cancelled job has yet to see.
+    """
+
+    def __init__(self, workspace: Workspace, progress) -> None:
+        self._flag = workspace.cancel = threading.Event()
+        self._progress = progress
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if self._flag.is_set():
             raise TraceCancelled("cancelled")
-        progress(fraction, desc=message)
+        self._progress(fraction, desc=message)
 
-    return report
+    def cancelled(self) -> bool:
+        """Whether this job was asked to stop (the engines poll it between steps)."""
+        return self._flag.is_set()
+
+
 
 
 def optional_int(value: object, what: str) -> int | None:
@@ -299,15 +310,15 @@ def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspa
     if cached is not None:
         yield _finished(*cached, session, workspace)
         return
-    report = reporter(workspace, progress)
+    report = JobReport(workspace, progress)
 
     def work(emit) -> tuple[TraceResult, TraceResult]:
         with session.applied():
             estimate = estimate_trace(session.handle, prompt, subject or None, options, LIMITS.trace,
-                                      progress=lambda f, m: report(0.02 * f, m), cancel=workspace.cancel.is_set, partial=emit)
+                                      progress=lambda f, m: report(0.02 * f, m), cancel=report.cancelled, partial=emit)
             emit(estimate)
             exact = trace(session.handle, prompt, subject or None, options, LIMITS.trace, progress=report,
-                          cancel=workspace.cancel.is_set, partial=emit)
+                          cancel=report.cancelled, partial=emit)
         TRACE_CACHE.put(key, (estimate, exact))  # here, not in the page's loop: kept even if the page went away
         return estimate, exact
 
@@ -352,13 +363,13 @@ def compare_traces(prompt, subject, target_new, kinds, samples, window, noise, w
     options = trace_options(kinds, samples, window, noise)
     # Only the filled prompt is used: a placeholder stands in for an empty target field.
     request = make_request(prompt, subject, target_new or " x")
-    report = reporter(workspace, progress)
+    report = JobReport(workspace, progress)
     # The answer is fixed to the original model's, so both maps show the probability of the same token.
     original = trace(session.handle, request.filled, request.subject, options, LIMITS.trace,
-                     progress=lambda f, m: report(f / 2, f"original model: {m}"), cancel=workspace.cancel.is_set)
+                     progress=lambda f, m: report(f / 2, f"original model: {m}"), cancel=report.cancelled)
     with session.applied():
         edited = trace(session.handle, request.filled, request.subject, replace(options, target=original.answer), LIMITS.trace,
-                       progress=lambda f, m: report(0.5 + f / 2, f"edited model: {m}"), cancel=workspace.cancel.is_set)
+                       progress=lambda f, m: report(0.5 + f / 2, f"edited model: {m}"), cancel=report.cancelled)
     caption = f"original: {plots.caption(original)}\nedited: {plots.caption(edited)}"
     return (*_figures(original), *_figures(edited), caption)
 
@@ -379,7 +390,7 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
                     check_lengths(handle, prompt_lines(neighborhood, "neighbourhood prompts"), "neighbourhood prompts"),
                     check_lengths(handle, prompt_lines(generate, "prompts to complete"), "prompts to complete") or (request.filled,),
                     new_tokens=min(GENERATION_TOKENS, LIMITS.max_new_tokens))
-    report = reporter(workspace, progress)
+    report = JobReport(workspace, progress)
     request = with_true_target(handle, request, session)
     # Outside applied(): the layer, prefixes and C belong to the model's own weights, and a request arriving
     # during the start-up preparation waits here for that work (without holding the model's lock).
@@ -471,8 +482,8 @@ def run_average(upload, limit, kinds, samples, workspace: Workspace, progress=gr
     facts = fact_set(upload, limit)
     session = workspace.session
     with session.applied():
-        result = average_effects(session.handle, facts, options, LIMITS.trace, progress=reporter(workspace, progress),
-                                 cancel=workspace.cancel.is_set).to_json()
+        report = JobReport(workspace, progress)
+        result = average_effects(session.handle, facts, options, LIMITS.trace, progress=report, cancel=report.cancelled).to_json()
     if not result["facts_correct"]:
         raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to average")
     path = workspace.files() / "average.json"
@@ -487,20 +498,24 @@ def run_severed(upload, limit, samples, workspace: Workspace, progress=gr.Progre
     options = trace_options(["hidden"], samples, TraceOptions.window, TraceOptions.noise)
     facts = fact_set(upload, limit)
     session = workspace.session
-    report = reporter(workspace, progress)
+    report = JobReport(workspace, progress)
     with session.applied():
         prompts = known_prompts(session.handle, facts)
         if not prompts:
             raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to sever")
-        result = average_severed(session.handle, prompts, options, LIMITS.trace, progress=report, cancel=workspace.cancel.is_set)
+        result = average_severed(session.handle, prompts, options, LIMITS.trace, progress=report, cancel=report.cancelled)
     path = workspace.files() / "severed.json"
     export.write_data(result, path)
     return plots.severed_figure(result), f"{len(prompts)} of {len(facts)} facts completed correctly and severed.", str(path)
 
 
-def cancel_job(workspace: Workspace) -> None:
-    """Ask this session's running job to stop at its next progress step."""
+CANCELLED_NOTE = "cancelled: the job stops at its next step; run it again when you like"
+
+
+def cancel_job(workspace: Workspace) -> str:
+    """Ask this session's running job to stop at its next progress step; the note the page shows instead of its result."""
     workspace.cancel.set()
+    return CANCELLED_NOTE
 
 
 def model_summary(handle: LoadedModel) -> str:
@@ -741,9 +756,10 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
 
         gr.api(model_status_api, api_name="model_status", concurrency_limit=None)
         jobs = [trace_event, inspect_event, edit_event, compare_event, average_event, severed_event]
-        for stop in (cancel, edit_cancel, average_cancel):
-            # Its own concurrency group, so a cancel is never queued behind the job it cancels.
-            stop.click(cancel_job, [workspace], None, cancels=jobs, concurrency_limit=None, api_name=False)
+        for stop, note in ((cancel, caption), (edit_cancel, metrics), (average_cancel, average_summary)):
+            # Its own concurrency group, so a cancel is never queued behind the job it cancels. The page stops
+            # listening to the cancelled job, so the cancel itself says so where that job's result would appear.
+            stop.click(cancel_job, [workspace], [note], cancels=jobs, concurrency_limit=None, api_name=False)
     return demo
 
 

@@ -90,6 +90,23 @@ def build_tiny(family: str, seed: int = 0):
     return prepare(f"tiny-{family}", model, tokenizer)
 
 
+def save_tiny(folder: Path, family: str = "llama") -> Path:
+    """A tiny random ``family`` model saved as a local model folder, for the real loader (CLI, app, policy)."""
+    tiny = build_tiny(family)
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(*args: str, one_thread: bool = False):
+    """``python -m explorer ARGS`` as users run it; ``one_thread`` for tiny models on a busy machine."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if one_thread else {})}
+    return subprocess.run([sys.executable, "-m", "explorer", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 @contextmanager
 def one_torch_thread():
     """Tiny models run fastest on one torch thread: on a busy 2-core machine a second one only spins (10-40x slower)."""

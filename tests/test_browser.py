@@ -7,18 +7,24 @@ import pytest
 
 from tests.app_server import CHROMIUM, launch_browser, running_app
 from tests.app_server import tiny_app as serving_tiny
+from explorer.testing.page import (
+    EDIT_COUNT, PROMPT, SUBJECT, TIMEOUT_MS, caption, edit, edit_count, fill, set_samples, tick_labels, trace, wait_until_idle,
+)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
 
 HOSTILE = "<img src=x onerror=alert(1)>"
-PLOTS = "#trace-plots .js-plotly-plot"
-TIMEOUT_MS = 240_000
+
+
+LONG_PROMPT = "In the heart of the old town, next to the river and the market square, The Eiffel Tower is located in the city of"
+SLOW_SAMPLES = 1000  # a trace of LONG_PROMPT this many samples deep runs 1-3 minutes on the tiny model: long enough to cancel
 
 
 @pytest.fixture(scope="module")
 def tiny_app(tmp_path_factory):
-    """(url, model folder) of the app serving a tiny random Llama."""
-    with serving_tiny(tmp_path_factory.mktemp("tiny-llama"), tmp_path_factory.mktemp("cache")) as served:
+    """(url, model folder) of the app serving a tiny random Llama (its samples limit raised for a trace worth cancelling)."""
+    with serving_tiny(tmp_path_factory.mktemp("tiny-llama"), tmp_path_factory.mktemp("cache"),
+                      ROME_EXPLORER_MAX_SAMPLES=str(SLOW_SAMPLES)) as served:
         yield served
 
 
@@ -44,55 +50,6 @@ def browser(tmp_path):
             context.close()
 
 
-def fill(page, elem_id: str, text: str) -> None:
-    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(text)
-
-
-def trace(page, prompt: str | None = None, subject: str | None = None) -> list:
-    """Run a trace from the page and return each heatmap's z values once the new ones are drawn."""
-    if prompt is not None:
-        fill(page, "trace-prompt", prompt)
-    if subject is not None:
-        fill(page, "trace-subject", subject)
-    page.evaluate(f"window.__before = Array.from(document.querySelectorAll('{PLOTS}')).map(d => d.data)")
-    page.locator("#trace-button").click()
-    # New heatmaps, and a caption that no longer says "computing": the trace streams partial maps before the final ones.
-    page.wait_for_function(
-        f"""() => {{ const plots = Array.from(document.querySelectorAll('{PLOTS}'));
-        const caption = document.querySelector('#trace-caption textarea').value;
-        return plots.length === 3 && plots.every((d, i) => d.data && d.data !== (window.__before || [])[i])
-               && !caption.includes('computing'); }}""",
-        timeout=TIMEOUT_MS,
-    )
-    return page.evaluate(f"Array.from(document.querySelectorAll('{PLOTS}')).map(d => d.data[0].z)")
-
-
-def tick_labels(page) -> list[list[str]]:
-    return page.evaluate(f"Array.from(document.querySelectorAll('{PLOTS}')).map(d => Array.from(d.querySelectorAll('.ytick text')).map(t => t.textContent))")
-
-
-def caption(page) -> str:
-    return page.locator("#trace-caption textarea, #trace-caption input").first.input_value()
-
-
-EDIT_COUNT = "Number(document.querySelector('#edit-list [role=grid]').getAttribute('aria-rowcount')) - 1"
-
-
-def edit_count(page) -> int:
-    """How many rows the page's active-edit list shows (the grid's row count less its header)."""
-    return page.evaluate(EDIT_COUNT)
-
-
-def edit(page, target_new: str, layer: str = "1") -> None:
-    page.get_by_role("tab", name="Edit").click()
-    fill(page, "edit-target-new", target_new)
-    fill(page, "edit-layer", layer)
-    before = edit_count(page)
-    page.locator("#edit-button").click()
-    page.wait_for_function(f"{EDIT_COUNT} > {before} && document.querySelector('#edit-generations table.side-by-side') !== null",
-                           timeout=TIMEOUT_MS)
-
-
 def expected_labels(folder_or_tokenizer, prompt: str, subject: str) -> list[str]:
     from explorer.prompts import tokenize_prompt
 
@@ -101,7 +58,6 @@ def expected_labels(folder_or_tokenizer, prompt: str, subject: str) -> list[str]
     return [token + ("*" if start <= i < end else "") for i, token in enumerate(tokenized.tokens)]
 
 
-PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
 
 
 def test_trace_edit_undo_and_sessions_in_the_browser(tiny_app, browser):
@@ -141,6 +97,61 @@ def test_trace_edit_undo_and_sessions_in_the_browser(tiny_app, browser):
     assert a.dialogs == [] and b.dialogs == []
 
 
+def test_reset_all_drops_every_edit_in_the_browser(tiny_app, browser):
+    page = browser(tiny_app[0])
+    unedited = trace(page, PROMPT, SUBJECT)
+    edit(page, " Rome", layer="1")
+    edit(page, " Berlin", layer="2")
+    assert edit_count(page) == 2
+    page.get_by_role("tab", name="Trace").click()
+    # Other settings than the unedited trace's, so that each trace below draws maps unlike the ones shown before it.
+    set_samples(page, 3)
+    trace(page)
+    assert "2 edit(s) of yours" in caption(page)
+    page.get_by_role("tab", name="Edit").click()
+    page.locator("#reset-button").click()
+    page.wait_for_function(f"{EDIT_COUNT} === 0", timeout=60_000)
+    assert "Rome" not in page.locator("#edit-list").inner_text()
+    page.get_by_role("tab", name="Trace").click()
+    set_samples(page, 10)
+    assert trace(page) == unedited and "edit(s) of yours" not in caption(page)
+    assert page.dialogs == []
+
+
+def start_slow_trace(page) -> str:
+    """Click Trace on a trace that runs a minute or more; its caption once its first result is drawn."""
+    wait_until_idle(page)
+    before = caption(page)
+    set_samples(page, SLOW_SAMPLES)
+    fill(page, "trace-prompt", LONG_PROMPT)
+    fill(page, "trace-subject", SUBJECT)
+    page.locator("#trace-button").click()
+    page.wait_for_function("before => document.querySelector('#trace-caption textarea').value !== before", arg=before,
+                           timeout=TIMEOUT_MS)
+    return caption(page)
+
+
+def test_cancel_stops_a_running_trace_and_the_next_one_runs(tiny_app, browser):
+    page = browser(tiny_app[0])
+    # Running: its estimate is drawn, the exact maps fill in.
+    assert "computing" in start_slow_trace(page)
+    page.locator("#trace-cancel").click()
+    # The page says so at once, where the answer line would have appeared; the server stops the trace at its next step.
+    page.wait_for_function("(document.querySelector('#trace-caption textarea') || document.querySelector('#trace-caption input')).value.startsWith('cancelled')", timeout=30_000)
+    # The app stays usable: a small trace runs next (its own cancel flag leaves the cancelled trace's set). Had
+    # the cancelled trace kept running on the server, this one would wait until that one ended. The pause: a
+    # click on Trace right after Cancel was not taken up by the page in our runs (its next trace never came).
+    page.wait_for_timeout(15_000)
+    set_samples(page, 2)
+    trace(page, "The Colosseum is located in the city of", "The Colosseum", timeout_ms=60_000)
+    assert caption(page).startswith("answer ") and "2 samples" in caption(page), caption(page)
+    # The cancelled trace never ran to its end: asked again, it is computed afresh rather than answered from
+    # the cache of finished traces at once.
+    assert "computing" in start_slow_trace(page)
+    page.locator("#trace-cancel").click()  # it stops at its next step; later tests use sessions of their own
+    assert page.dialogs == []
+
+
 def test_script_in_inputs_is_shown_as_text(tiny_app, browser):
     page = browser(tiny_app[0])
     hostile_prompt = f"The {HOSTILE} is located in the city of"
@@ -169,9 +180,7 @@ def test_default_model_traces_in_the_browser(browser, default_model):
     """`python app.py` as a user runs it: the embedded model, three heatmaps over its own tokens, the answer Paris."""
     with running_app() as (url, _seconds):
         page = browser(url)
-        samples = page.locator("#trace-samples input[type=number]")
-        samples.fill("2")
-        samples.press("Enter")
+        set_samples(page, 2)
         trace(page, PROMPT, SUBJECT)
         labels = [label.strip() for label in expected_labels(default_model.tokenizer, PROMPT, SUBJECT)]
         assert [[t.strip() for t in kind] for kind in tick_labels(page)] == [labels] * 3

@@ -1,14 +1,12 @@
 """The command line, run as users run it: a subprocess on a tiny model saved to a local folder."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from explorer.cli import build_parser, _options
-from tests.conftest import REPO, build_tiny, one_torch_thread
+from tests.conftest import REPO, one_torch_thread, run_cli, save_tiny
 
 PROMPT = "The Eiffel Tower is located in the city of"
 BUNDLED = json.loads((REPO / "assets" / "known_facts.json").read_text())
@@ -16,15 +14,10 @@ BUNDLED = json.loads((REPO / "assets" / "known_facts.json").read_text())
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny = build_tiny("gpt2")
-    tiny.model.save_pretrained(folder)
-    tiny.tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "explorer", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+_run = run_cli
 
 
 # The tests' own view of the saved tiny model: plain transformers calls, none of the explorer's code.

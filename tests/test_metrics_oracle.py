@@ -29,9 +29,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -40,7 +37,7 @@ import torch
 from explorer import evaluate as ev
 from explorer import scoring
 from explorer.metrics import rewrite_scores
-from tests.conftest import REPO, build_tiny
+from tests.conftest import REPO, build_tiny, run_cli, save_tiny
 
 FACTS = json.loads((REPO / "assets" / "known_facts.json").read_text(encoding="utf-8"))
 FAMILIES = ("gpt2", "llama")  # gpt2's tokenizer adds no special tokens; llama's puts a BOS before the prompt
@@ -354,18 +351,12 @@ def test_zsre_metrics_equal_the_oracle(tiny_models, family, monkeypatch):
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
-    """The tiny llama (BOS-prefixing tokenizer) saved to a folder, as tests/test_cli.py's ``tiny_folder`` does for gpt2."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny = build_tiny("llama")
-    tiny.model.save_pretrained(folder)
-    tiny.tokenizer.save_pretrained(folder)
-    return folder
+    """The tiny llama (BOS-prefixing tokenizer) saved to a folder."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
 def _run(*args):
-    """``python -m explorer ARGS`` as users run it (tests/test_cli.py's pattern), with one torch thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as in the one_thread fixture
-    return subprocess.run([sys.executable, "-m", "explorer", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_cli(*args, one_thread=True)
 
 
 def _oracle_folder_model(folder):

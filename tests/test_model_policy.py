@@ -11,7 +11,7 @@ import pytest
 import transformers
 from huggingface_hub import HfApi
 
-from conftest import build_tiny, tiny_config
+from conftest import build_tiny, save_tiny, tiny_config
 from explorer import model_policy, ui
 from explorer.limits import AppLimits
 from explorer.models import ModelLoadError
@@ -60,11 +60,7 @@ def nothing_read(monkeypatch, no_weights):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny = build_tiny("gpt2")
-    tiny.model.save_pretrained(folder)
-    tiny.tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2")
 
 
 def _tiny_size(folder: Path) -> tuple[int, int]:

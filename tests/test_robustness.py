@@ -428,6 +428,13 @@ def _assert_edited(handle, matrices, edits) -> None:
         assert torch.equal(handle.arch.mlp_out_weight(layer), expected)
 
 
+def _assert_left_clean(handle, originals) -> None:
+    """The original weights, no hook, and the model's lock free."""
+    _assert_pristine(handle, originals)
+    _assert_no_hooks(handle)
+    _assert_unlocked(handle)
+
+
 def _assert_no_hooks(handle) -> None:
     from torch.nn.modules import module as torch_module
 
@@ -659,9 +666,7 @@ def test_a_request_failing_mid_forward_leaves_the_model_unedited_and_unhooked(fa
             outcomes["finished"] += 1
         except _Boom:
             outcomes["failed"] += 1
-        _assert_pristine(handle, originals)
-        _assert_no_hooks(handle)
-        _assert_unlocked(handle)
+        _assert_left_clean(handle, originals)
 
     check()
     print(f"failed_request[{family}]: {dict(outcomes)}")
@@ -689,9 +694,7 @@ def test_a_cancelled_trace_leaves_the_model_unedited_and_unhooked(family):
             outcomes["finished"] += 1
         except TraceCancelled:
             outcomes["cancelled"] += 1
-        _assert_pristine(handle, originals)
-        _assert_no_hooks(handle)
-        _assert_unlocked(handle)
+        _assert_left_clean(handle, originals)
 
     check()
     print(f"cancelled_trace[{family}]: {dict(outcomes)}")

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from explorer.tracing import KINDS, Cell, TraceOptions, embedding_std, plan_pass, subject_noise, trace, trace_severed, window_layers
-from tests import oracle
+from explorer.testing import oracle
 from tests.conftest import FAMILIES, build_tiny
 
 # Generated cases per family for the fuzzed comparison with the oracle.

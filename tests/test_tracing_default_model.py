@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from explorer.tracing import KINDS, TraceOptions, trace
-from tests import oracle
+from explorer.testing import oracle
 
 
 @pytest.mark.parametrize("kind", KINDS)

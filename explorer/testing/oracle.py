@@ -1,9 +1,10 @@
-"""The straightforward causal trace of the paper, written from its description: the tests' oracle.
+"""The straightforward causal trace of the paper, written from its description: the tests' oracle (the
+benchmarks time the engine against it too).
 
-It shares no code with ``explorer``: it finds the subject's tokens, draws the noise, measures σ,
-picks the answer, bounds each window and locates every module itself, and for every cell it reruns
-the whole model on [clean, corrupted x samples] with plain forward hooks, reading the answer's
-probability from the full logits in float64. Slow by design.
+It shares no code with the rest of ``explorer`` (it imports nothing from it): it finds the subject's
+tokens, draws the noise, measures σ, picks the answer, bounds each window and locates every module
+itself, and for every cell it reruns the whole model on [clean, corrupted x samples] with plain forward
+hooks, reading the answer's probability from the full logits in float64. Slow by design.
 
 Conventions it pins (each one is the paper's or its reference code's):
 - Noise: ``np.random.RandomState(seed).standard_normal((samples, subject tokens, hidden))``, times
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FACTS = Path(__file__).resolve().parent.parent / "assets" / "known_facts.json"
+FACTS = Path(__file__).resolve().parents[2] / "assets" / "known_facts.json"  # the checkout's fact set
 
 # Where each family keeps its decoder blocks and, inside a block, its MLP and attention modules.
 BLOCKS = {"gpt2": "transformer.h", "gptj": "transformer.h", "gpt_neox": "gpt_neox.layers"}
