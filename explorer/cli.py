@@ -307,7 +307,7 @@ def run_known(args: argparse.Namespace) -> int:
 
 def run_edit(args: argparse.Namespace) -> int:
     """The ``edit`` command: compute an edit, compare before and after, optionally save it."""
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from .compare import Probes, compare, with_true_target
     from .editing import compute_edit, make_request, validate_options

@@ -41,7 +41,7 @@ METHODS = ("rome", "rome-original", "ft")
 Progress = Callable[[float, str], None]
 KL_TEMPLATE = "{} is a"  # the prompt whose next-token distribution the KL term keeps
 # The paper's GPT-2 XL settings that models may override; per-family and per-model settings below are
-# measured with the evaluation metrics (README, "Editing"). A model's own settings win over its family's.
+# measured with the evaluation metrics (docs/evaluation.md). A model's own settings win over its family's.
 PAPER_SETTINGS: dict[str, float] = {"weight_decay": 0.5, "clamp_factor": 4.0, "loss_stop": 0.05}
 FAMILY_SETTINGS: dict[str, dict] = {
     # Gemma 3's MLP outputs have norm ~2 (GPT-2 XL's are ~10x larger): the paper's decay term 0.5·‖δ‖/‖out‖²
@@ -57,7 +57,7 @@ MODEL_SETTINGS: dict[str, dict] = {
     # loss then creeps from ~0.15 to 0.05 for up to 14 more steps: at clamp 1, stopping at 0.15 gave the same
     # ES/PS/NS (100/100/85.0) in 7 steps instead of 16. An edit that does not hold on its own prompt is
     # strengthened along δ (scale_ladder): on 30 cases, clamp 0.5 gave ES 100, PS 88.3, NS 88.2 (92.2
-    # unedited), clamp 0.75 ES 100, PS 94.4, NS 86.3 (README, "Editing"). Stopping at loss 0.3 instead of
+    # unedited), clamp 0.75 ES 100, PS 94.4, NS 86.3 (docs/evaluation.md). Stopping at loss 0.3 instead of
     # 0.15 gave every one of those 30 edits the same ES/PS/NS in 5.9 steps on average instead of 7.8.
     "default": {"layer": 1, "clamp_factor": 0.5, "loss_stop": 0.3},
 }
@@ -622,7 +622,7 @@ def edit_holds(handle: LoadedModel, request: EditRequest, layer: int, right: tor
 
     Against target_true when the request has one, else against a probability of one half. A small δ
     can be realised too weakly at the bare prompt's key (its key is not k*): compute_rome then
-    strengthens it (README, "Editing").
+    strengthens it (docs/evaluation.md).
     """
     from .scoring import mean_nll
 
@@ -662,7 +662,7 @@ def compute_rome(
 
     # An edit that does not hold on its own prompt (its key is not k*, so δ arrives there weakened) is
     # strengthened along the same δ, in steps of 10%, up to the paper's clamp; only if that fails is v*
-    # optimised again, with the paper's clamp. Both keep ‖δ‖ as small as holding allows (README, "Editing").
+    # optimised again, with the paper's clamp. Both keep ‖δ‖ as small as holding allows (docs/evaluation.md).
     paper_clamp = PAPER_SETTINGS["clamp_factor"]
     clamps = [resolved_setting(handle, options, "clamp_factor")]
     if clamps[0] < paper_clamp:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from .prompts import InputError
 from .tracing import TraceLimits
 
-# Environment variable → the AppLimits field it sets. The defaults are documented in SECURITY.md and the README.
+# Environment variable → the AppLimits field it sets. The defaults are documented in SECURITY.md.
 ENVIRONMENT = {
     "ROME_EXPLORER_MAX_PROMPT_TOKENS": "max_prompt_tokens",
     "ROME_EXPLORER_MAX_SAMPLES": "max_samples",

@@ -39,8 +39,8 @@ def test_eiffel_tower_moves_to_rome(default_model):
 
 
 def test_traced_peak_layer_is_early_to_middle(default_model):
-    assert default_layer(default_model) == 1  # measured: the README's editing table
+    assert default_layer(default_model) == 1  # measured: docs/evaluation.md's settings tables
     layer = traced_peak_layer(default_model, facts_limit=4)
-    # The paper's finding, which the README's science check shows on this model: MLP effects at the last
+    # The paper's finding, which docs/tracing.md's science check shows on this model: MLP effects at the last
     # subject token peak in early-to-middle layers (layer 4 of 18 here).
     assert 1 <= layer <= default_model.num_layers // 2
