@@ -48,10 +48,15 @@ def _add_trace_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kinds", action="extend", type=_kinds, metavar="KINDS",
                         help="comma-separated, from hidden,mlp,attn (the default: all three); repeatable, "
                              "each --kinds adds to the list")
-    parser.add_argument("--samples", default=10, type=int, help="corrupted runs per cell (default 10)")
-    parser.add_argument("--window", default=10, type=int, help="layers restored together for mlp/attn (default 10)")
-    parser.add_argument("--noise", default=3.0, type=float, help="noise std as a multiple of the subject-embedding std (default 3)")
-    parser.add_argument("--seed", default=1, type=int, help="seed of the noise draws (default 1)")
+    from .tracing import TraceOptions  # the defaults are the dataclass's: one source for the CLI, app and API
+
+    defaults = TraceOptions()
+    parser.add_argument("--samples", default=defaults.samples, type=int, help=f"corrupted runs per cell (default {defaults.samples})")
+    parser.add_argument("--window", default=defaults.window, type=int,
+                        help=f"layers restored together for mlp/attn (default {defaults.window})")
+    parser.add_argument("--noise", default=defaults.noise, type=float,
+                        help=f"noise std as a multiple of the subject-embedding std (default {defaults.noise:g})")
+    parser.add_argument("--seed", default=defaults.seed, type=int, help=f"seed of the noise draws (default {defaults.seed})")
     parser.add_argument("--json", dest="json_out", help="write the result as JSON here")
 
 
@@ -110,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--neighborhood", nargs="+", action="extend", default=[], metavar="PROMPT",
                       help="prompts whose answer must stay target_true; " + REPEATABLE.format(name="neighborhood"))
     edit.add_argument("--sample-seed", type=int, help="sample generations (top-k 50) with this seed instead of greedy")
-    edit.add_argument("--tokens", type=int, default=30, help="tokens per generation (default 30)")
+    from .compare import GENERATION_TOKENS
+
+    edit.add_argument("--tokens", type=int, default=GENERATION_TOKENS, help=f"tokens per generation (default {GENERATION_TOKENS})")
     edit.add_argument("--apply-edit", nargs="+", action="extend", default=[], metavar="FILE",
                       help="saved edits to apply first (stacked); " + REPEATABLE.format(name="apply-edit"))
     edit.add_argument("--save-edit", dest="save_out", help="save the computed edit here (.npz) to re-apply later")
@@ -128,15 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_edit_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="rome", help="rome (default), rome-original, ft (or none, for evaluate)")
-    parser.add_argument("--layer", type=int, help="layer to edit (default: the model's peak MLP-effect layer)")
+    from .editing import EditOptions  # the defaults are the dataclass's: one source for the CLI, app and API
     from .stats import CORPORA, StatsSpec
+
+    defaults = EditOptions()
+    parser.add_argument("--method", default=defaults.method,
+                        help=f"rome, rome-original, ft (or none, for evaluate); default {defaults.method}")
+    parser.add_argument("--layer", type=int, help="layer to edit (default: the model's peak MLP-effect layer)")
 
     parser.add_argument("--stats-corpus", default=StatsSpec.corpus,
                         help=f"key statistics from: {', '.join(CORPORA)} (default {StatsSpec.corpus}: offline Wikipedia text)")
     parser.add_argument("--stats-tokens", type=int, default=StatsSpec.tokens, help=f"tokens of statistics text (default {StatsSpec.tokens})")
-    parser.add_argument("--shrinkage", type=float, default=0.0, help="ridge on the key statistics, share of mean diagonal")
-    parser.add_argument("--steps", type=int, default=20, help="at most this many value-optimisation steps (default 20)")
+    parser.add_argument("--shrinkage", type=float, default=defaults.shrinkage,
+                        help=f"ridge on the key statistics, share of mean diagonal (default {defaults.shrinkage:g})")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help=f"at most this many value-optimisation steps (default {defaults.steps})")
     parser.add_argument("--clamp-factor", type=float, help="‖δ‖ ≤ this × ‖MLP output‖ (default: the model's measured value, else 4)")
     parser.add_argument("--loss-stop", type=float, help="stop the value optimisation below this loss (default: measured, else 0.05)")
 

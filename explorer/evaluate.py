@@ -31,7 +31,7 @@ FORMATS = {
 }
 COUNTERFACT_METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "fluency")
 ZSRE_METRICS = ("efficacy", "paraphrase", "specificity")
-GENERATION_TOKENS = 100
+FLUENCY_TOKENS = 100  # fluency: entropy of 100-token samples (top-k 5), as in the paper
 GENERATION_TOP_K = 5
 BOOTSTRAP_SAMPLES = 1000
 
@@ -146,7 +146,7 @@ def counterfact_metrics(handle: LoadedModel, case: Case, generation: bool, seed:
     out["fluency"] = None
     if generation and case.generation:
         # The paper's protocol samples from the whole vocabulary; stored results were measured that way.
-        texts = complete(handle, case.generation, GENERATION_TOKENS, Sampling(top_k=GENERATION_TOP_K, seed=seed), markup=True)
+        texts = complete(handle, case.generation, FLUENCY_TOKENS, Sampling(top_k=GENERATION_TOP_K, seed=seed), markup=True)
         out["fluency"] = float(np.mean([ngram_entropy(text) for text in texts]))
     out["target_new_prob"], out["target_true_prob"] = (float(v) for v in probs["rewrite"][0])
     return out

@@ -28,9 +28,9 @@ ENVIRONMENT = {
 class AppLimits:
     """Every cap the app enforces; each field has an environment variable in :data:`ENVIRONMENT`."""
 
-    max_prompt_tokens: int = 64  # tokens in a traced prompt
-    max_samples: int = 50  # corrupted runs per trace
-    max_window: int = 64  # layers restored together (MLP / attention)
+    max_prompt_tokens: int = TraceLimits.max_prompt_tokens  # tokens in a traced prompt
+    max_samples: int = TraceLimits.max_samples  # corrupted runs per trace
+    max_window: int = TraceLimits.max_window  # layers restored together (MLP / attention)
     max_prompts: int = 20  # paraphrase / neighbourhood / completion prompts per request
     max_new_tokens: int = 60  # generated tokens per completion
     max_facts: int = 100  # facts per average or severed run

@@ -37,6 +37,8 @@ from .preparation import Preparation, Status
 from .prompts import InputError
 from .tracing import KINDS, TraceCancelled, TraceOptions, TraceResult, trace
 
+TRACE_DEFAULTS = TraceOptions()  # the controls start at the engine's defaults (the paper's)
+
 SAMPLE_CASES = ASSETS / "counterfact_sample.json"
 USER_ERRORS = (InputError, ModelLoadError, FloatingPointError, TraceCancelled)
 EDIT_OPTIONS = EditOptions()  # the app's edit settings (the paper's); method and layer come from the page
@@ -633,9 +635,9 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                     target = gr.Textbox(label="Target (empty: the model's own answer)", value="")
                 with gr.Row():
                     kinds = gr.CheckboxGroup(list(KINDS), value=list(KINDS), label="Kinds")
-                    samples = gr.Slider(1, LIMITS.max_samples, value=10, step=1, label="Samples", elem_id="trace-samples")
-                    window = gr.Slider(1, min(30, LIMITS.max_window), value=10, step=1, label="Window")
-                    noise = gr.Slider(0.5, 10, value=3, step=0.5, label="Noise (x sigma)")
+                    samples = gr.Slider(1, LIMITS.max_samples, value=TRACE_DEFAULTS.samples, step=1, label="Samples", elem_id="trace-samples")
+                    window = gr.Slider(1, min(30, LIMITS.max_window), value=TRACE_DEFAULTS.window, step=1, label="Window")
+                    noise = gr.Slider(0.5, 10, value=TRACE_DEFAULTS.noise, step=0.5, label="Noise (x sigma)")
                 with gr.Row():
                     button = gr.Button("Trace", variant="primary", elem_id="trace-button")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="trace-cancel")
@@ -705,7 +707,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
                     with gr.Column():
                         limit = gr.Slider(1, LIMITS.max_facts, value=5, step=1, label="Facts")
                         average_kinds = gr.CheckboxGroup(list(KINDS), value=["mlp"], label="Kinds")
-                        average_samples = gr.Slider(1, LIMITS.max_samples, value=10, step=1, label="Samples", elem_id="average-samples")
+                        average_samples = gr.Slider(1, LIMITS.max_samples, value=TRACE_DEFAULTS.samples, step=1, label="Samples", elem_id="average-samples")
                 with gr.Row():
                     average_button = gr.Button("Average effects", variant="primary")
                     severed_button = gr.Button("Severed paths")
