@@ -428,6 +428,14 @@ def _assert_edited(handle, matrices, edits) -> None:
         assert torch.equal(handle.arch.mlp_out_weight(layer), expected)
 
 
+def _session(handle, *edits) -> EditSession:
+    """A session holding ``edits``, applied only inside its ``applied()``."""
+    session = EditSession(handle)
+    for edit in edits:
+        session.add(edit)
+    return session
+
+
 def _assert_left_clean(handle, originals) -> None:
     """The original weights, no hook, and the model's lock free."""
     _assert_pristine(handle, originals)
@@ -616,9 +624,7 @@ def _steady_count(family: str, request: str, layer: int | None) -> int:
     counts = []
     for _ in range(2):  # the first run may also compute cached values (prefixes, statistics); the second is typical
         calls = itertools.count()
-        session = EditSession(handle)
-        session.add(edits[0])
-        session.add(edits[1])
+        session = _session(handle, edits[0], edits[1])
         with session.applied():
             if layer is None:
                 _REQUESTS_UNDER_TEST[request](handle, cancel=lambda: next(calls) < 0)
@@ -646,9 +652,7 @@ def test_a_request_failing_mid_forward_leaves_the_model_unedited_and_unhooked(fa
         # Fail at one of the block's calls, chosen across all of them (the last share lets the request finish).
         fail_at = 1 + int(share * _count_calls(family, request, layer))
         handle, edits, originals, matrices = _edited_model(family)
-        session = EditSession(handle)
-        session.add(edits[0])
-        session.add(edits[1])
+        session = _session(handle, edits[0], edits[1])
         calls = itertools.count(1)
 
         def explode(_module, _inputs, _output):
@@ -684,9 +688,7 @@ def test_a_cancelled_trace_leaves_the_model_unedited_and_unhooked(family):
         # Stop at one of the request's polls, chosen across all of them (the last share lets it finish).
         stop_after = int(share * _count_polls(family, request))
         handle, edits, originals, _matrices = _edited_model(family)
-        session = EditSession(handle)
-        session.add(edits[1])
-        session.add(edits[2])
+        session = _session(handle, edits[1], edits[2])
         polls = itertools.count()
         try:
             with session.applied():
