@@ -17,9 +17,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from .architectures import supported_model_types
 from .limits import AppLimits
-from .models import DEFAULT_MODEL, ModelLoadError
+from .models import DEFAULT_MODEL, ModelLoadError, supported_config
 from .prompts import InputError
 
 MODELS_ENV = "ROME_EXPLORER_MODELS"
@@ -101,7 +100,7 @@ def check_model(name: str, limits: AppLimits, env: Mapping[str, str] = os.enviro
     if allowed is None and (not HUB_ID.fullmatch(name) or ".." in name or "--" in name or os.path.isdir(name)):
         # Any hub name is allowed, but no local path: transformers reads a folder of that name if there is one.
         raise InputError(f"this public app loads models from the Hugging Face hub only ('owner/name'); {YOURSELF} local folders")
-    config = _config(name)
+    config = supported_config(name)
     parameters = parameter_count(config)
     if parameters > limits.max_model_parameters:
         raise ModelLoadError(
@@ -114,19 +113,6 @@ def check_model(name: str, limits: AppLimits, env: Mapping[str, str] = os.enviro
             f"{name!r} has {size:,} bytes of weights, over this app's limit of {limits.max_model_bytes:,} "
             f"(ROME_EXPLORER_MAX_MODEL_BYTES); {YOURSELF} larger models"
         )
-
-
-def _config(name: str):
-    """``name``'s configuration (config.json only), which must be a decoder-only LM of a supported type."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"could not find model {name!r}: {str(error).splitlines()[0]}") from None
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "model_type", None) not in supported_model_types():
-        raise ModelLoadError(f"{name!r} is not a supported decoder-only model; supported types: {', '.join(supported_model_types())}")
-    return config
 
 
 def parameter_count(config) -> int:

@@ -265,10 +265,10 @@ def prepare(name: str, model: torch.nn.Module, tokenizer: object) -> LoadedModel
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, arch=arch)
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, placement: _Placement, progress: Progress, label: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def supported_config(source: str):
+    """``source``'s configuration (config.json only, no weights), which must be a supported decoder-only LM."""
+    from transformers import AutoConfig
 
-    progress(0.05, f"reading the configuration of {label}")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
@@ -278,12 +278,22 @@ def _load_pretrained(source: str, dtype: torch.dtype, placement: _Placement, pro
         ) from None
     model_type = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False):
-        raise ModelLoadError(f"{source!r} is an encoder-decoder model ({model_type}); ROME needs a decoder-only LM")
+        raise ModelLoadError(
+            f"{source!r} is an encoder-decoder model ({model_type}), not a supported decoder-only model: ROME needs a decoder-only LM"
+        )
     if model_type not in supported_model_types():
         raise ModelLoadError(
-            f"{source!r} has model type {model_type!r}, which is not supported; "
+            f"{source!r} has model type {model_type!r}, not a supported decoder-only model; "
             f"supported types: {', '.join(supported_model_types())}"
         )
+    return config
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, placement: _Placement, progress: Progress, label: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    progress(0.05, f"reading the configuration of {label}")
+    supported_config(source)
     progress(0.2, f"loading the weights of {label}")
     kwargs: dict = {"dtype": dtype, **placement.kwargs(source, dtype)}
     try:
