@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,6 +48,7 @@ MAX_LOADED_MODELS = 2  # the app's own model plus one a user loaded; older ones 
 TRACE_EXAMPLES = 8  # facts from the bundled set offered as clickable trace examples
 TRACE_CACHE: BoundedCache[tuple] = BoundedCache(32)  # (estimate, exact) of finished traces, for repeats (a few MB)
 STREAM_SECONDS = 1.0  # a streaming trace redraws its heatmaps at most this often
+STOP_POLL_SECONDS = 0.2  # how soon a cancelled job hands the page back
 
 _model_lock = threading.Lock()
 _models: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -139,12 +141,15 @@ def user_errors(handler):
     return wrapped
 
 
-def streamed(work, every: float):
+def streamed(work, every: float, stopped: Callable[[], bool] | None = None):
     """Run ``work(emit)`` in a thread; yield ``(False, [items emitted since the last yield])`` as it goes, at
     most once per ``every`` seconds, then ``(True, its return value)``.
 
     The thread runs in a copy of this context, so Gradio's progress bar still reaches the page; an
-    exception in ``work`` is raised here.
+    exception in ``work`` is raised here. Once ``stopped()`` is true this returns within STOP_POLL_SECONDS
+    by raising TraceCancelled, leaving the thread to stop at its own next check: Gradio counts a job as
+    pending, and drops clicks on its button, until the handler returns, and a pass of the engine can take
+    many seconds before it looks at its cancel flag.
     """
     items: queue.Queue = queue.Queue()
     context = contextvars.copy_context()
@@ -160,10 +165,14 @@ def streamed(work, every: float):
     shown = 0.0
     while True:
         wait = max(0.0, every - (time.monotonic() - shown)) if pending else None
+        if stopped is not None:
+            wait = STOP_POLL_SECONDS if wait is None else min(wait, STOP_POLL_SECONDS)
         try:
             what, value = items.get(timeout=wait)
-        except queue.Empty:  # the pending items have waited long enough
+        except queue.Empty:  # the pending items have waited long enough, or it is time to look at the flag
             what, value = "flush", None
+        if stopped is not None and stopped() and what != "done":
+            raise TraceCancelled("cancelled")
         if what == "error":
             raise value
         if what == "item":
@@ -174,6 +183,18 @@ def streamed(work, every: float):
         if what == "done":
             yield True, value
             return
+
+
+def in_worker(work, stopped: Callable[[], bool]):
+    """``work()``'s value, computed in a thread that this caller stops waiting for once ``stopped()`` is true.
+
+    For read-only jobs only: an abandoned job finishes its current step in the background, so a job that
+    changes the session (an edit) must stay in the handler's own thread and stop at the engine's checks.
+    """
+    for finished, value in streamed(lambda emit: work(), STREAM_SECONDS, stopped):
+        if finished:
+            return value
+    raise AssertionError("streamed ended without a value")
 
 
 class JobReport:
@@ -324,7 +345,7 @@ def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspa
         TRACE_CACHE.put(key, (estimate, exact))  # here, not in the page's loop: kept even if the page went away
         return estimate, exact
 
-    for finished, results in streamed(work, STREAM_SECONDS):
+    for finished, results in streamed(work, STREAM_SECONDS, report.cancelled):
         if finished:
             yield _finished(*results, session, workspace)
             continue
@@ -366,12 +387,17 @@ def compare_traces(prompt, subject, target_new, kinds, samples, window, noise, w
     # Only the filled prompt is used: a placeholder stands in for an empty target field.
     request = make_request(prompt, subject, target_new or " x")
     report = JobReport(workspace, progress)
-    # The answer is fixed to the original model's, so both maps show the probability of the same token.
-    original = trace(session.handle, request.filled, request.subject, options, LIMITS.trace,
-                     progress=lambda f, m: report(f / 2, f"original model: {m}"), cancel=report.cancelled)
-    with session.applied():
-        edited = trace(session.handle, request.filled, request.subject, replace(options, target=original.answer), LIMITS.trace,
-                       progress=lambda f, m: report(0.5 + f / 2, f"edited model: {m}"), cancel=report.cancelled)
+
+    def work() -> tuple[TraceResult, TraceResult]:
+        # The answer is fixed to the original model's, so both maps show the probability of the same token.
+        original = trace(session.handle, request.filled, request.subject, options, LIMITS.trace,
+                         progress=lambda f, m: report(f / 2, f"original model: {m}"), cancel=report.cancelled)
+        with session.applied():
+            edited = trace(session.handle, request.filled, request.subject, replace(options, target=original.answer),
+                           LIMITS.trace, progress=lambda f, m: report(0.5 + f / 2, f"edited model: {m}"), cancel=report.cancelled)
+        return original, edited
+
+    original, edited = in_worker(work, report.cancelled)
     caption = f"original: {plots.caption(original)}\nedited: {plots.caption(edited)}"
     return (*_figures(original), *_figures(edited), caption)
 
@@ -483,9 +509,13 @@ def run_average(upload, limit, kinds, samples, workspace: Workspace, progress=gr
     options = trace_options(kinds, samples, TraceOptions.window, TraceOptions.noise)
     facts = fact_set(upload, limit)
     session = workspace.session
-    with session.applied():
-        report = JobReport(workspace, progress)
-        result = average_effects(session.handle, facts, options, LIMITS.trace, progress=report, cancel=report.cancelled).to_json()
+    report = JobReport(workspace, progress)
+
+    def work() -> dict:
+        with session.applied():
+            return average_effects(session.handle, facts, options, LIMITS.trace, progress=report, cancel=report.cancelled).to_json()
+
+    result = in_worker(work, report.cancelled)
     if not result["facts_correct"]:
         raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to average")
     path = workspace.files() / "average.json"
@@ -501,11 +531,15 @@ def run_severed(upload, limit, samples, workspace: Workspace, progress=gr.Progre
     facts = fact_set(upload, limit)
     session = workspace.session
     report = JobReport(workspace, progress)
-    with session.applied():
-        prompts = known_prompts(session.handle, facts)
-        if not prompts:
-            raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to sever")
-        result = average_severed(session.handle, prompts, options, LIMITS.trace, progress=report, cancel=report.cancelled)
+
+    def work() -> tuple[list, dict]:
+        with session.applied():
+            prompts = known_prompts(session.handle, facts)
+            if not prompts:
+                raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to sever")
+            return prompts, average_severed(session.handle, prompts, options, LIMITS.trace, progress=report, cancel=report.cancelled)
+
+    prompts, result = in_worker(work, report.cancelled)
     path = workspace.files() / "severed.json"
     export.write_data(result, path)
     return plots.severed_figure(result), f"{len(prompts)} of {len(facts)} facts completed correctly and severed.", str(path)
