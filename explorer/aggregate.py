@@ -1,7 +1,7 @@
 """Averages over a fact set: the paper's Figure 2 (effect by token category) and severed paths."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,6 +9,7 @@ import torch
 
 from .facts import Fact, load_facts
 from .models import LoadedModel
+from .progress import Progress, no_progress, part_of
 from .prompts import InputError
 from .tracing import DEFAULT_LIMITS, SEVERED_KEYS, TraceLimits, TraceOptions, last_subject_effects, trace, trace_severed
 
@@ -20,7 +21,6 @@ CATEGORIES = (
     "further_tokens",
     "last_token",
 )
-Progress = Callable[[float, str], None]
 
 
 def category_rows(scores: np.ndarray, subject_range: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -92,22 +92,18 @@ def average_effects(
     facts: Sequence[Fact],
     options: TraceOptions = TraceOptions(),
     limits: TraceLimits = DEFAULT_LIMITS,
-    progress: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress = no_progress,
 ) -> AverageResult:
     """Trace every fact the model predicts correctly and average scores per token category and layer."""
     per_kind: dict[str, dict[str, list]] = {kind: {c: [] for c in CATEGORIES} for kind in options.kinds}
     lows, highs, correct = [], [], 0
     for index, fact in enumerate(facts):
-        if progress is not None:
-            progress(index / max(1, len(facts)), f"fact {index + 1}/{len(facts)}: {fact.subject}")
+        progress(index / max(1, len(facts)), f"fact {index + 1}/{len(facts)}: {fact.subject}")
         if not predicts(handle, fact):
             continue
         correct += 1
-        inner = None
-        if progress is not None:
-            inner = lambda f, m, i=index: progress((i + f) / len(facts), f"fact {i + 1}/{len(facts)}: {m}")
-        result = trace(handle, fact.prompt, fact.subject, options, limits, progress=inner, cancel=cancel)
+        inner = part_of(progress, index / len(facts), (index + 1) / len(facts), f"fact {index + 1}/{len(facts)}: ")
+        result = trace(handle, fact.prompt, fact.subject, options, limits, progress=inner)
         lows.append(result.low_score)
         highs.append(result.high_score)
         for kind in options.kinds:
@@ -143,16 +139,14 @@ def average_severed(
     prompts: Sequence[tuple[str, str | None]],
     options: TraceOptions = TraceOptions(),
     limits: TraceLimits = DEFAULT_LIMITS,
-    progress: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress = no_progress,
 ) -> dict:
     """Severed-path scores per layer (``ordinary``, ``mlp_severed``, ``attn_severed``) averaged over prompts."""
     rows: dict[str, list] = {key: [] for key in SEVERED_KEYS}
     lows, highs = [], []
     for index, (prompt, subject) in enumerate(prompts):
-        if progress is not None:
-            progress(index / max(1, len(prompts)), f"prompt {index + 1}/{len(prompts)}")
-        result = trace_severed(handle, prompt, subject, options, limits, cancel=cancel)
+        inner = part_of(progress, index / len(prompts), (index + 1) / len(prompts), f"prompt {index + 1}/{len(prompts)}: ")
+        result = trace_severed(handle, prompt, subject, options, limits, inner)
         lows.append(result.low_score)
         highs.append(result.high_score)
         for key in SEVERED_KEYS:
@@ -166,7 +160,7 @@ def average_severed(
 
 
 def last_subject_mlp_effects(
-    handle: LoadedModel, facts_limit: int, progress: Progress | None = None, facts: Sequence[Fact] | None = None
+    handle: LoadedModel, facts_limit: int, progress: Progress = no_progress, facts: Sequence[Fact] | None = None
 ) -> tuple[np.ndarray, int]:
     """Mean MLP indirect effect per layer at the last subject token over up to ``facts_limit`` known facts."""
     facts = load_facts() if facts is None else facts
@@ -174,8 +168,7 @@ def last_subject_mlp_effects(
     for index, fact in enumerate(facts):
         if len(rows) >= facts_limit:
             break
-        if progress is not None:
-            progress(len(rows) / facts_limit, f"choosing the edit layer: fact {len(rows) + 1}/{facts_limit}")
+        progress(len(rows) / facts_limit, f"choosing the edit layer: fact {len(rows) + 1}/{facts_limit}")
         if predicts(handle, fact):
             rows.append(last_subject_effects(handle, fact.prompt, fact.subject, "mlp"))
     if not rows:

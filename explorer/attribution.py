@@ -18,11 +18,10 @@ import torch
 
 from . import hooks
 from .models import LoadedModel
+from .progress import Progress, no_progress, part_of
 from .tracing import (
     DEFAULT_LIMITS,
     KINDS,
-    Progress,
-    TraceCancelled,
     TraceLimits,
     TraceOptions,
     TraceResult,
@@ -48,7 +47,7 @@ DEFAULT_ESTIMATOR = "per-kind"
 
 
 def state_gradients(
-    handle: LoadedModel, runs, noise_shares: tuple[float, ...], cancel: Callable[[], bool] | None = None
+    handle: LoadedModel, runs, noise_shares: tuple[float, ...], progress: Progress = no_progress
 ) -> dict[str, list[torch.Tensor]]:
     """∂p(answer)/∂state per kind and layer, (samples, tokens, hidden), averaged over the path points."""
     arch, n_layers = handle.arch, handle.num_layers
@@ -56,9 +55,8 @@ def state_gradients(
     offsets = runs.corrupted_embeds - clean_embeds  # the noise, (samples, tokens, hidden)
     names = {f"{kind}.{layer}": arch.state_module(kind, layer) for kind in KINDS for layer in range(n_layers)}
     sums: dict[str, list[torch.Tensor]] = {kind: [torch.zeros_like(state) for state in runs.corrupted[kind]] for kind in KINDS}
-    for share in noise_shares:
-        if cancel is not None and cancel():
-            raise TraceCancelled("trace cancelled")
+    for step, share in enumerate(noise_shares):
+        progress(step / len(noise_shares), f"gradients at {share:.2f} of the noise")
         embeds = (clean_embeds + share * offsets).requires_grad_(True)
         with torch.enable_grad(), hooks.capture_outputs(names, detach=False) as states:
             final = arch.backbone(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
@@ -101,8 +99,7 @@ def estimate_trace(
     options: TraceOptions = TraceOptions(),
     limits: TraceLimits = DEFAULT_LIMITS,
     estimator: str = DEFAULT_ESTIMATOR,
-    progress: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress = no_progress,
     partial: Callable[[TraceResult], None] | None = None,
 ) -> TraceResult:
     """The trace of ``prompt`` estimated by attribution patching (``method`` "atp"): same layout as :func:`tracing.trace`.
@@ -122,18 +119,16 @@ def estimate_trace(
 
     with handle.lock:
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
-        if progress is not None:
-            progress(0.2, "estimating every cell from gradients (attribution patching)")
+        progress(0.2, "estimating every cell from gradients (attribution patching)")
         scores = {kind: np.full((tokenized.length, handle.num_layers), np.nan) for kind in options.kinds}
         for name in sorted(set(chosen.values()), key=lambda name: len(ESTIMATORS[name])):
-            gradients = state_gradients(handle, runs, ESTIMATORS[name], cancel)
+            gradients = state_gradients(handle, runs, ESTIMATORS[name], part_of(progress, 0.2, 0.9, f"{name}: "))
             kinds = tuple(kind for kind in options.kinds if chosen[kind] == name)
             for kind, effect in estimate_effects(handle, runs, kinds, options.window, gradients).items():
                 scores[kind] = runs.low_score + effect
             if partial is not None and any(np.isnan(grid).any() for grid in scores.values()):
                 partial(result(scores))
-    if progress is not None:
-        progress(1.0, "estimate done")
+    progress(1.0, "estimate done")
     return result(scores)
 
 

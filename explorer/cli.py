@@ -411,12 +411,12 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input exits 2 with a one-line message."""
     from .models import ModelLoadError
-    from .tracing import TraceCancelled
+    from .progress import Cancelled
 
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (InputError, ModelLoadError, TraceCancelled, FloatingPointError) as error:
+    except (InputError, ModelLoadError, Cancelled, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

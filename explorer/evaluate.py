@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,8 +22,8 @@ from .metrics import harmonic_mean, mean_ci95, ngram_entropy, rewrite_scores
 from .models import LoadedModel
 from .prompts import InputError
 from .scoring import score_targets
+from .progress import Progress, no_progress, part_of
 
-Progress = Callable[[float, str], None]
 FORMATS = {
     "counterfact": "CounterFact in ROME's format (requested_rewrite, paraphrase_prompts, neighborhood_prompts, ...)",
     "counterfact-easyedit": "CounterFact in EasyEdit/MEND's format (prompt, subject, target_new, ground_truth, rephrase_prompt, locality_prompt, ...)",
@@ -254,12 +254,11 @@ def evaluate(
     kind: str,
     settings: EvaluationSettings = EvaluationSettings(),
     partial: Path | None = None,
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
 ) -> dict:
     """Edit every case from the unedited model, score before and after; the ``evaluate`` JSON."""
     from .models import model_fingerprint
 
-    progress = progress or (lambda _f, _m: None)
     header = settings.header(dataset_digest(cases), model_fingerprint(handle))
     done = _read_partial(partial, header)
     if partial is not None:
@@ -283,7 +282,7 @@ def evaluate(
             entry["after"] = before
         else:
             options = replace(settings.edit, method=settings.method)
-            inner = lambda f, m, i=index: progress((i + 0.8 * f) / len(cases), f"case {i + 1}/{len(cases)}: {m}")
+            inner = part_of(progress, index / len(cases), (index + 0.8) / len(cases), f"case {index + 1}/{len(cases)}: ")
             edit = compute_edit(handle, case.request, options, progress=inner)
             session.add(edit)
             with session.applied():

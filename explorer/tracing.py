@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from . import hooks, offload
+from .kv_cache import key_value_cache
 from .models import LoadedModel, derived, own_weights
+from .progress import Progress, no_progress, part_of
 from .prompts import InputError, TokenizedPrompt, clean_text, guess_subject, is_whole_number, tokenize_prompt
 
 KINDS = ("hidden", "mlp", "attn")
@@ -38,11 +40,6 @@ VOCAB_BLOCK = 2048  # 8192: 7% slower on 4,620 rows of the default model (2 thre
 # A streamed trace scores its restored states in batches of at least this many rows: the unembedding is
 # bound by memory below a few hundred rows, so scoring each small pass alone would cost more.
 STREAM_ROWS = 512
-Progress = Callable[[float, str], None]
-
-
-class TraceCancelled(RuntimeError):
-    """The caller asked a running trace to stop."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +144,7 @@ def embedding_std(handle: LoadedModel, subjects: Sequence[str] | None = None) ->
         from .facts import load_facts
 
         every_subject = sorted({fact.subject for fact in load_facts()})
-        return derived(handle, "embedding_std", lambda: embedding_std(handle, every_subject))
+        return derived(handle, ("embedding_std",), lambda: embedding_std(handle, every_subject))
     ids = []
     for subject in subjects:
         ids.extend(handle.tokenizer(subject, add_special_tokens=False)["input_ids"])
@@ -299,8 +296,7 @@ def score_cells(
     runs: CleanAndCorrupted,
     cells: Sequence[Cell],
     memory_mb: int = 1024,
-    progress: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress = no_progress,
     on_scores: Callable[[list[int], np.ndarray], None] | None = None,
     first_tokens: Sequence[int] = (),
 ) -> np.ndarray:
@@ -328,8 +324,7 @@ def score_cells(
     scores = np.zeros(len(cells))
     waiting: list[int] = []  # cells whose final states are in, not yet scored
     for done, group in enumerate(groups):
-        if cancel is not None and cancel():
-            raise TraceCancelled("trace cancelled")
+        progress(done / len(groups), f"restored {sum(len(g) for g in groups[:done])}/{len(cells)} cells")
         states = _run_group(handle, runs, [cells[i] for i in group])
         for slot, index in enumerate(group):
             final_states[index * samples : (index + 1) * samples] = states[slot * samples : (slot + 1) * samples].cpu()
@@ -339,8 +334,6 @@ def score_cells(
             scores[waiting] = answer_probabilities(handle, rows, runs.answer_id, memory_mb).reshape(len(waiting), samples).mean(axis=1)
             on_scores(waiting, scores[waiting])
             waiting = []
-        if progress is not None:
-            progress((done + 1) / len(groups), f"restored {sum(len(g) for g in groups[: done + 1])}/{len(cells)} cells")
     if on_scores is not None:
         return scores
     probs = answer_probabilities(handle, final_states, runs.answer_id, memory_mb)
@@ -619,12 +612,8 @@ def _leading(value: Any, rows: int, keep: int) -> Any:
 
 
 def _prefix_cache(handle: LoadedModel, runs: CleanAndCorrupted, prefix: int, copies: int):
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=handle.model.config)
-    for layer, (keys, values) in enumerate(runs.kv):
-        cache.update(keys[:, :, :prefix].repeat(copies, 1, 1, 1), values[:, :, :prefix].repeat(copies, 1, 1, 1), layer)
-    return cache
+    return key_value_cache(handle.model.config, [(keys[:, :, :prefix].repeat(copies, 1, 1, 1), values[:, :, :prefix].repeat(copies, 1, 1, 1))
+                                                 for keys, values in runs.kv])
 
 
 def validated_inputs(
@@ -642,8 +631,7 @@ def trace(
     subject: str | None = None,
     options: TraceOptions = TraceOptions(),
     limits: TraceLimits = DEFAULT_LIMITS,
-    progress: Progress | None = None,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress = no_progress,
     partial: Callable[[TraceResult], None] | None = None,
 ) -> TraceResult:
     """Causal trace of ``prompt``: per kind, the answer's probability with each (token, layer) state restored.
@@ -677,7 +665,7 @@ def trace(
                 partial(result(time.perf_counter() - began))
 
         last_subject = tokenized.subject_range[1] - 1
-        values = score_cells(handle, runs, [cells[kind][key] for kind, key in keys], options.memory_mb, progress, cancel,
+        values = score_cells(handle, runs, [cells[kind][key] for kind, key in keys], options.memory_mb, progress,
                              on_scores, first_tokens=(last_subject, tokenized.length - 1))
         for (kind, key), value in zip(keys, values):
             scores[kind][key] = value
@@ -754,16 +742,17 @@ def trace_severed(
     subject: str | None = None,
     options: TraceOptions = TraceOptions(),
     limits: TraceLimits = DEFAULT_LIMITS,
-    cancel: Callable[[], bool] | None = None,
+    progress: Progress = no_progress,
 ) -> SeveredResult:
     """The paper's severed-path analysis for one prompt (its Figure 3 averages this over facts)."""
     tokenized, _, noise_std = validated_inputs(handle, prompt, subject, options, limits)
     with handle.lock:
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
         scores = {}
-        for key, severed_kind in SEVERED_KEYS.items():
+        for step, (key, severed_kind) in enumerate(SEVERED_KEYS.items()):
             cells = severed_cells(tokenized, handle.num_layers, severed_kind)
-            scores[key] = score_cells(handle, runs, [cells[layer] for layer in range(handle.num_layers)], options.memory_mb, cancel=cancel)
+            scores[key] = score_cells(handle, runs, [cells[layer] for layer in range(handle.num_layers)], options.memory_mb,
+                                      part_of(progress, step / len(SEVERED_KEYS), (step + 1) / len(SEVERED_KEYS), f"{key}: "))
     return SeveredResult(
         prompt=tokenized.prompt,
         subject=tokenized.subject,

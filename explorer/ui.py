@@ -35,13 +35,14 @@ from .limits import AppLimits
 from .model_policy import check_model, field_label
 from .models import DEFAULT_MODEL, LoadedModel, ModelLoadError, load_model, model_fingerprint
 from .preparation import Preparation, Status
+from .progress import Cancelled, part_of
 from .prompts import InputError
-from .tracing import KINDS, TraceCancelled, TraceOptions, TraceResult, trace
+from .tracing import KINDS, TraceOptions, TraceResult, trace
 
 TRACE_DEFAULTS = TraceOptions()  # the controls start at the engine's defaults (the paper's)
 
 SAMPLE_CASES = ASSETS / "counterfact_sample.json"
-USER_ERRORS = (InputError, ModelLoadError, FloatingPointError, TraceCancelled)
+USER_ERRORS = (InputError, ModelLoadError, FloatingPointError, Cancelled)
 EDIT_OPTIONS = EditOptions()  # the app's edit settings (the paper's); method and layer come from the page
 LIMITS = AppLimits.from_env()
 MAX_LOADED_MODELS = 2  # the app's own model plus one a user loaded; older ones are dropped (sessions keep theirs)
@@ -113,7 +114,7 @@ class Workspace:
 def _as_gradio_errors():
     try:
         yield
-    except TraceCancelled:
+    except Cancelled:
         raise gr.Error("cancelled") from None
     except USER_ERRORS as error:
         # Gradio shows the message as HTML and it may repeat what the user typed: escape it.
@@ -147,7 +148,7 @@ def streamed(work, every: float, stopped: Callable[[], bool] | None = None):
 
     The thread runs in a copy of this context, so Gradio's progress bar still reaches the page; an
     exception in ``work`` is raised here. Once ``stopped()`` is true this returns within STOP_POLL_SECONDS
-    by raising TraceCancelled, leaving the thread to stop at its own next check: Gradio counts a job as
+    by raising Cancelled, leaving the thread to stop at its own next check: Gradio counts a job as
     pending, and drops clicks on its button, until the handler returns, and a pass of the engine can take
     many seconds before it looks at its cancel flag.
     """
@@ -172,7 +173,7 @@ def streamed(work, every: float, stopped: Callable[[], bool] | None = None):
         except queue.Empty:  # the pending items have waited long enough, or it is time to look at the flag
             what, value = "flush", None
         if stopped is not None and stopped() and what != "done":
-            raise TraceCancelled("cancelled")
+            raise Cancelled("cancelled")
         if what == "error":
             raise value
         if what == "item":
@@ -210,7 +211,7 @@ class JobReport:
 
     def __call__(self, fraction: float, message: str) -> None:
         if self._flag.is_set():
-            raise TraceCancelled("cancelled")
+            raise Cancelled("cancelled")
         self._progress(fraction, desc=message)
 
     def cancelled(self) -> bool:
@@ -338,10 +339,9 @@ def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspa
     def work(emit) -> tuple[TraceResult, TraceResult]:
         with session.applied():
             estimate = estimate_trace(session.handle, prompt, subject or None, options, LIMITS.trace,
-                                      progress=lambda f, m: report(0.02 * f, m), cancel=report.cancelled, partial=emit)
+                                      progress=part_of(report, 0, 0.02), partial=emit)
             emit(estimate)
-            exact = trace(session.handle, prompt, subject or None, options, LIMITS.trace, progress=report,
-                          cancel=report.cancelled, partial=emit)
+            exact = trace(session.handle, prompt, subject or None, options, LIMITS.trace, progress=report, partial=emit)
         TRACE_CACHE.put(key, (estimate, exact))  # here, not in the page's loop: kept even if the page went away
         return estimate, exact
 
@@ -391,10 +391,10 @@ def compare_traces(prompt, subject, target_new, kinds, samples, window, noise, w
     def work() -> tuple[TraceResult, TraceResult]:
         # The answer is fixed to the original model's, so both maps show the probability of the same token.
         original = trace(session.handle, request.filled, request.subject, options, LIMITS.trace,
-                         progress=lambda f, m: report(f / 2, f"original model: {m}"), cancel=report.cancelled)
+                         progress=part_of(report, 0, 0.5, "original model: "))
         with session.applied():
             edited = trace(session.handle, request.filled, request.subject, replace(options, target=original.answer),
-                           LIMITS.trace, progress=lambda f, m: report(0.5 + f / 2, f"edited model: {m}"), cancel=report.cancelled)
+                           LIMITS.trace, progress=part_of(report, 0.5, 1, "edited model: "))
         return original, edited
 
     original, edited = in_worker(work, report.cancelled)
@@ -422,7 +422,7 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
     request = with_true_target(handle, request, session)
     # Outside applied(): the layer, prefixes and C belong to the model's own weights, and a request arriving
     # during the start-up preparation waits here for that work (without holding the model's lock).
-    prepared = prepare(handle, options, lambda f, m: report(0.2 * f, m))
+    prepared = prepare(handle, options, part_of(report, 0, 0.2))
     with session.applied():
         edit = compute_edit(handle, request, options, progress=report, prepared=prepared)
     result = compare(session, edit, probes)
@@ -513,7 +513,7 @@ def run_average(upload, limit, kinds, samples, workspace: Workspace, progress=gr
 
     def work() -> dict:
         with session.applied():
-            return average_effects(session.handle, facts, options, LIMITS.trace, progress=report, cancel=report.cancelled).to_json()
+            return average_effects(session.handle, facts, options, LIMITS.trace, progress=report).to_json()
 
     result = in_worker(work, report.cancelled)
     if not result["facts_correct"]:
@@ -537,7 +537,7 @@ def run_severed(upload, limit, samples, workspace: Workspace, progress=gr.Progre
             prompts = known_prompts(session.handle, facts)
             if not prompts:
                 raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to sever")
-            return prompts, average_severed(session.handle, prompts, options, LIMITS.trace, progress=report, cancel=report.cancelled)
+            return prompts, average_severed(session.handle, prompts, options, LIMITS.trace, progress=report)
 
     prompts, result = in_worker(work, report.cancelled)
     path = workspace.files() / "severed.json"

@@ -104,15 +104,15 @@ def test_template_context_is_computed_once_per_templates_and_weights(family):
     assert batches[0].context > 0 and [row.context for row in batches[0].rows] == [row.context for row in batches[1].rows]
     edit = compute_edit(handle, REQUEST, FAST)  # first: its own templates' context is not the one kept below
     precompute(handle, batches[0], 2)
-    kept = handle.memo["edit_context_kv"][1]
+    kept = handle.context_keys_values.value
     second = precompute(handle, batches[1], 2)
-    assert handle.memo["edit_context_kv"][1] is kept  # same templates, same weights: reused
+    assert handle.context_keys_values.value is kept  # same templates, same weights: reused
     assert torch.allclose(second.keys, _plain_keys(handle, batches[1].rows, 2), atol=1e-5)
     session = EditSession(handle)
     session.add(edit)
     with session.applied():  # edited weights: computed again, and right for them
         third = precompute(handle, batches[1], 2)
-        assert handle.memo["edit_context_kv"][1] is not kept
+        assert handle.context_keys_values.value is not kept
         assert torch.allclose(third.keys, _plain_keys(handle, batches[1].rows, 2), atol=1e-5)
     assert not torch.allclose(third.keys, second.keys, atol=1e-3)
     fourth = precompute(handle, batches[1], 2)  # the original weights again: not the edited ones' values
@@ -356,10 +356,10 @@ def test_context_prefixes_are_seeded_cached_and_plain_text():
     handle = build_tiny("gemma2")
     options = EditOptions(prefixes=((4, 3), (6, 2)), prefix_seed=5)
     first = context_prefixes(handle, options)
-    handle.memo.clear()  # forces a read of the on-disk cache
+    handle.own_values.forget()  # forces a read of the on-disk cache
     assert context_prefixes(handle, options) == first and len(first) == 5
     fresh = build_tiny("gemma2")
-    fresh.memo["fingerprint"] = "uncached-" + str(id(fresh))  # no cache: generated again from the seed
+    fresh.own_values.get(("fingerprint",), lambda: f"uncached-{id(fresh)}")  # no cache: generated again from the seed
     assert context_prefixes(fresh, options) == first
     assert all("{" not in p and "}" not in p and "\n" not in p for p in first)
     assert context_templates(first)[0] == "{}" and context_templates(first)[1] == first[0] + ". {}"
@@ -386,7 +386,7 @@ def test_second_moments_from_text_are_cached_and_symmetric(tmp_path, monkeypatch
         keys.append(seen["k"][0, [i for i, t in enumerate(row) if t not in handle.tokenizer.all_special_ids]])
     keys = torch.cat(keys).double()
     assert torch.allclose(matrix, keys.T @ keys / len(keys), atol=1e-5)
-    handle.memo.clear()
+    handle.own_values.forget()
     again = stats.second_moment(handle, 2, spec)  # from disk
     assert torch.allclose(again.matrix, matrix, atol=1e-6) and again.count == moment.count
     folder = stats.stats_folder(handle, spec)
@@ -395,7 +395,7 @@ def test_second_moments_from_text_are_cached_and_symmetric(tmp_path, monkeypatch
     assert sorted(path.name for path in folder.iterdir()) == ["layer_2.pt", "layer_3.pt"]
     assert not torch.allclose(deeper.matrix, matrix) and deeper.count == moment.count
     (folder / "layer_2.pt").write_bytes(b"damaged")
-    handle.memo.clear()
+    handle.own_values.forget()
     assert torch.allclose(stats.second_moment(handle, 2, spec).matrix, matrix, atol=1e-6)  # recomputed
 
 

@@ -6,7 +6,7 @@
    with and without a BOS token.
 3. Any sequence of adding, undoing, clearing and applying edits leaves the weights bit for bit as
    they were outside :meth:`EditSession.applied`.
-4. A request that fails mid-forward, or a trace that is cancelled, inside ``applied()`` leaves the
+4. A request that fails mid-forward, or one that is cancelled, inside ``applied()`` leaves the
    model unedited and without hooks.
 5. Damaged cache files (statistics, context prefixes, traced layer) are rebuilt, never served.
 
@@ -43,7 +43,8 @@ from explorer.models import model_fingerprint
 from explorer.prompts import InputError, TokenizedPrompt, clean_text, tokenize_at, tokenize_prompt
 from explorer.scoring import target_probabilities
 from explorer.stats import StatsSpec, second_moment, stats_folder
-from explorer.tracing import KINDS, TraceCancelled, TraceLimits, TraceOptions, trace, trace_severed
+from explorer.progress import Cancelled, no_progress
+from explorer.tracing import KINDS, TraceLimits, TraceOptions, trace, trace_severed
 from explorer.tracing import validate_options as validate_trace_options
 
 # Hypothesis examples per property (reported in SECURITY.md).
@@ -58,7 +59,7 @@ EXAMPLES = {
     "absent_subject": 50,
     "session_ops": 100,  # per family (llama, gpt2)
     "failed_request": 50,  # per family (llama, gpt2)
-    "cancelled_trace": 30,  # per family (llama, gpt2)
+    "cancelled_request": 30,  # per family (llama, gpt2)
     "saved_edit": 100,
 }
 
@@ -598,13 +599,15 @@ def test_a_damaged_saved_edit_is_refused_or_applies_and_undoes_cleanly(damaged):
 # ---------------------------------------------------------------- 4. failures and cancels mid-pass
 
 _REQUESTS_UNDER_TEST = {
-    "trace": lambda handle, cancel=None: trace(handle, PROMPT, SUBJECT, TraceOptions(samples=2, window=3), cancel=cancel),
-    "severed": lambda handle, cancel=None: trace_severed(handle, PROMPT, SUBJECT, TraceOptions(samples=2), cancel=cancel),
-    "rome": lambda handle: compute_edit(handle, REQUESTS[1], EditOptions(layer=2, **CHEAP)),
-    "ft": lambda handle: compute_edit(handle, REQUESTS[0], EditOptions(method="ft", layer=1, ft_steps=2)),
+    "trace": lambda handle, progress=no_progress: trace(handle, PROMPT, SUBJECT, TraceOptions(samples=2, window=3), progress=progress),
+    "severed": lambda handle, progress=no_progress: trace_severed(handle, PROMPT, SUBJECT, TraceOptions(samples=2), progress=progress),
+    "rome": lambda handle, progress=no_progress: compute_edit(handle, REQUESTS[1], EditOptions(layer=2, **CHEAP), progress=progress),
+    "ft": lambda handle, progress=no_progress: compute_edit(handle, REQUESTS[0], EditOptions(method="ft", layer=1, ft_steps=2),
+                                                         progress=progress),
     "score": lambda handle: target_probabilities(handle, [PROMPT], " Paris"),
     "generate": lambda handle: complete(handle, [PROMPT], new_tokens=3),
 }
+CANCELLABLE = ["trace", "severed", "rome", "ft"]  # the requests that report progress, which is how a job is stopped
 
 
 def _count_calls(family: str, request: str, layer: int) -> int:
@@ -613,13 +616,13 @@ def _count_calls(family: str, request: str, layer: int) -> int:
 
 
 def _count_polls(family: str, request: str) -> int:
-    """How often ``request`` asks whether to stop, with two edits applied."""
+    """How often ``request`` reports progress (where it can be stopped), with two edits applied."""
     return _steady_count(family, request, None)
 
 
 @functools.lru_cache(maxsize=None)
 def _steady_count(family: str, request: str, layer: int | None) -> int:
-    """Block ``layer``'s calls (or, for None, the cancel polls) of one run of ``request``."""
+    """Block ``layer``'s calls (or, for None, the progress reports) of one run of ``request``."""
     handle, edits, _originals, _matrices = _edited_model(family)
     counts = []
     for _ in range(2):  # the first run may also compute cached values (prefixes, statistics); the second is typical
@@ -627,7 +630,7 @@ def _steady_count(family: str, request: str, layer: int | None) -> int:
         session = _session(handle, edits[0], edits[1])
         with session.applied():
             if layer is None:
-                _REQUESTS_UNDER_TEST[request](handle, cancel=lambda: next(calls) < 0)
+                _REQUESTS_UNDER_TEST[request](handle, progress=lambda _f, _m: next(calls))
             else:
                 hook = handle.arch.block(layer).register_forward_hook(lambda *_: [next(calls)] and None)
                 try:
@@ -679,28 +682,33 @@ def test_a_request_failing_mid_forward_leaves_the_model_unedited_and_unhooked(fa
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_a_cancelled_trace_leaves_the_model_unedited_and_unhooked(family):
-    outcomes = INJECTED[f"cancelled_trace[{family}]"]
+def test_a_cancelled_request_leaves_the_model_unedited_and_unhooked(family):
+    outcomes = INJECTED[f"cancelled_request[{family}]"]
 
-    @_settings("cancelled_trace")
-    @given(request=st.sampled_from(["trace", "severed"]), share=st.floats(0, 1))
+    @_settings("cancelled_request")
+    @given(request=st.sampled_from(CANCELLABLE), share=st.floats(0, 1))
     def check(request, share):
         # Stop at one of the request's polls, chosen across all of them (the last share lets it finish).
         stop_after = int(share * _count_polls(family, request))
         handle, edits, originals, _matrices = _edited_model(family)
         session = _session(handle, edits[1], edits[2])
         polls = itertools.count()
+
+        def stop_at(poll: int) -> None:
+            if poll >= stop_after:
+                raise Cancelled("cancelled by the test")
+
         try:
             with session.applied():
-                _REQUESTS_UNDER_TEST[request](handle, cancel=lambda: next(polls) >= stop_after)
+                _REQUESTS_UNDER_TEST[request](handle, progress=lambda _f, _m: stop_at(next(polls)))
             outcomes["finished"] += 1
-        except TraceCancelled:
+        except Cancelled:
             outcomes["cancelled"] += 1
         _assert_left_clean(handle, originals)
 
     check()
-    print(f"cancelled_trace[{family}]: {dict(outcomes)}")
-    assert outcomes["cancelled"] >= 0.8 * EXAMPLES["cancelled_trace"], dict(outcomes)
+    print(f"cancelled_request[{family}]: {dict(outcomes)}")
+    assert outcomes["cancelled"] >= 0.8 * EXAMPLES["cancelled_request"], dict(outcomes)
 
 
 # ---------------------------------------------------------------- 5. damaged caches
@@ -775,20 +783,20 @@ _STATS_LAYER_DAMAGE = {
 @pytest.mark.parametrize("damage", sorted(_STATS_LAYER_DAMAGE))
 def test_damaged_statistics_are_recomputed_and_rewritten(cache_dir, tmp_path, damage):
     handle = _cache_model()
-    handle.memo.clear()
+    handle.own_values.forget()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The Eiffel Tower is in Paris. The Colosseum is in Rome. Miles Davis plays the trumpet. " * 20)
     spec, layer = StatsSpec(corpus=f"text:{corpus}", tokens=300), 2
     fresh = second_moment(handle, layer, spec).matrix
     folder = stats_folder(handle, spec)
-    handle.memo.clear()
+    handle.own_values.forget()
     cached = second_moment(handle, layer, spec).matrix
     assert torch.allclose(cached, fresh, atol=1e-6)
     width = handle.arch.mlp_out_weight(layer).shape[1]
     _STATS_LAYER_DAMAGE[damage](folder / f"layer_{layer}.pt", width)
-    handle.memo.clear()
+    handle.own_values.forget()
     assert torch.equal(second_moment(handle, layer, spec).matrix, fresh), "the damaged cache was served"
-    handle.memo.clear()
+    handle.own_values.forget()
     assert stats._load_layer(folder, layer, width) is not None, "the cache was not rewritten"
     assert torch.equal(second_moment(handle, layer, spec).matrix, cached)
 
@@ -807,13 +815,13 @@ _PREFIX_DAMAGE = {
 @pytest.mark.parametrize("damage", sorted(_PREFIX_DAMAGE))
 def test_damaged_prefix_cache_is_regenerated_and_rewritten(cache_dir, damage):
     handle = _cache_model()
-    handle.memo.clear()
+    handle.own_values.forget()
     options = EditOptions(prefixes=((3, 2),), prefix_seed=4)
     fresh = context_prefixes(handle, options)
     path = cache_dir / "prefixes" / f"{model_fingerprint(handle)}.json"
     (name,) = json.loads(path.read_text())
     _PREFIX_DAMAGE[damage](path, name)
-    handle.memo.clear()
+    handle.own_values.forget()
     assert context_prefixes(handle, options) == fresh, "the damaged cache was served"
     assert json.loads(path.read_text())[name] == fresh, "the cache was not rewritten"
 
@@ -833,7 +841,7 @@ _LAYER_DAMAGE = {
 @pytest.mark.parametrize("damage", sorted(_LAYER_DAMAGE))
 def test_damaged_layer_cache_is_traced_again_and_rewritten(cache_dir, monkeypatch, damage):
     handle = _cache_model()
-    handle.memo.clear()
+    handle.own_values.forget()
     traced = []
 
     def effects(_handle, facts_limit, progress=None):
@@ -842,10 +850,10 @@ def test_damaged_layer_cache_is_traced_again_and_rewritten(cache_dir, monkeypatc
 
     monkeypatch.setattr(aggregate, "last_subject_mlp_effects", effects)
     assert traced_peak_layer(handle, facts_limit=3) == 2 and len(traced) == 1
-    handle.memo.clear()
+    handle.own_values.forget()
     assert traced_peak_layer(handle, facts_limit=3) == 2 and len(traced) == 1, "a sound cache is read, not traced again"
     path = cache_dir / "layers" / f"{model_fingerprint(handle)}-facts3.json"
     _LAYER_DAMAGE[damage](path, None)
-    handle.memo.clear()
+    handle.own_values.forget()
     assert traced_peak_layer(handle, facts_limit=3) == 2 and len(traced) == 2, "the damaged cache was served"
     assert json.loads(path.read_text())["layer"] == 2, "the cache was not rewritten"

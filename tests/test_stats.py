@@ -103,7 +103,7 @@ def test_derived_values_come_from_the_models_own_weights(tmp_path, monkeypatch):
     rows = _wikipedia_rows(handle.tokenizer, 600, 0)
 
     def values() -> tuple:
-        handle.memo.clear()
+        handle.own_values.forget()
         return (second_moment(handle, 2, spec), context_prefixes(handle, options), embedding_std(handle), model_fingerprint(handle))
 
     monkeypatch.setenv("ROME_EXPLORER_CACHE", str(tmp_path / "edited-first"))
@@ -129,7 +129,7 @@ def test_missing_or_damaged_wikipedia_data_is_a_clear_error(cache, tmp_path, mon
     def using(contents: bytes) -> None:
         copy.write_bytes(contents)
         monkeypatch.setattr(stats, "wikipedia_data_file", lambda: (copy, recorded))
-        handle.memo.clear()
+        handle.own_values.forget()
 
     original = real_path.read_bytes()
     using(original[:-100])  # truncated

@@ -194,11 +194,14 @@ def test_bad_input_is_a_clear_error_and_leaves_no_hook(prompt, subject, options,
 
 
 def test_cancel_stops_a_trace_and_leaves_no_hook():
-    from explorer.tracing import TraceCancelled
+    from explorer.progress import Cancelled
+
+    def cancel(_fraction, _message):
+        raise Cancelled("cancelled by the test")
 
     handle = build_tiny("llama")
-    with pytest.raises(TraceCancelled):
-        trace(handle, PROMPT, SUBJECT, TraceOptions(samples=2), cancel=lambda: True)
+    with pytest.raises(Cancelled):
+        trace(handle, PROMPT, SUBJECT, TraceOptions(samples=2), progress=cancel)
     assert all(not m._forward_hooks and "forward" not in m.__dict__ for m in handle.model.modules())
 
 
