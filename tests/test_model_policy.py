@@ -36,18 +36,18 @@ def environment(monkeypatch):
     """No policy variable from the machine the tests run on; a fresh model registry for the app."""
     for variable in POLICY_ENV:
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setattr(ui, "_models", type(ui._models)())
-    monkeypatch.setattr(ui, "_preparations", {})
-    monkeypatch.setattr(ui, "LIMITS", AppLimits())
+    monkeypatch.setattr(ui.sessions, "_models", type(ui.sessions._models)())
+    monkeypatch.setattr(ui.sessions, "_preparations", {})
+    monkeypatch.setattr(ui.config, "LIMITS", AppLimits())
     # Loading is what is tested here; the first edit's background preparation (a minute on CPU) is not.
-    monkeypatch.setattr(ui, "start_preparation", lambda name: None)
+    monkeypatch.setattr(ui.sessions, "start_preparation", lambda name: None)
     return monkeypatch
 
 
 @pytest.fixture()
 def no_weights(monkeypatch):
     """Any attempt to load weights (the app's loader, transformers, the hub's file list) fails the test."""
-    monkeypatch.setattr(ui, "load_model", _fail("the app's model loader"))
+    monkeypatch.setattr(ui.sessions, "load_model", _fail("the app's model loader"))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _fail("from_pretrained"))
     monkeypatch.setattr(HfApi, "model_info", _fail("the hub's model_info"))
 
@@ -109,7 +109,7 @@ def test_public_app_refuses_unlisted_names_and_folders_without_reading_anything(
         assert "this public app only loads default; run the app yourself (see the README)" in messages[name], messages[name]
     # The answer for an existing folder is the answer for a missing one: the field cannot probe the disk.
     assert messages[str(tiny_folder)] == messages[str(tmp_path / "missing")]
-    assert not ui._models and not ui._preparations
+    assert not ui.sessions._models and not ui.sessions._preparations
     assert model_policy.field_label() == "Model: 'default' (embedded Gemma 3 270M)"
 
 
@@ -137,7 +137,7 @@ def test_public_app_loads_a_listed_model_under_the_caps(tiny_folder, monkeypatch
     assert str(tiny_folder) in model_policy.field_label()
     status, workspace = _load(tiny_folder)
     assert "gpt2, 4 layers" in status and workspace.session.handle.arch.model_type == "gpt2"
-    assert list(ui._models) == [str(tiny_folder)]
+    assert list(ui.sessions._models) == [str(tiny_folder)]
     # Exactly at both caps still loads: the caps are inclusive.
     parameters, size = _tiny_size(tiny_folder)
     model_policy.check_model(str(tiny_folder), AppLimits(max_model_parameters=parameters, max_model_bytes=size))
@@ -147,29 +147,29 @@ def test_over_the_parameter_cap_is_refused_before_the_weights_are_read(tiny_fold
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
     monkeypatch.setenv(model_policy.MODELS_ENV, str(tiny_folder))
     parameters, _size = _tiny_size(tiny_folder)
-    monkeypatch.setattr(ui, "LIMITS", replace(AppLimits(), max_model_parameters=parameters - 1))
+    monkeypatch.setattr(ui.config, "LIMITS", replace(AppLimits(), max_model_parameters=parameters - 1))
     with pytest.raises(gr.Error, match=rf"has {parameters:,} parameters, over this app's limit of {parameters - 1:,} "
                                        r"\(ROME_EXPLORER_MAX_MODEL_PARAMETERS\); run the app yourself"):
         _load(tiny_folder)
-    assert not ui._models
+    assert not ui.sessions._models
 
 
 def test_over_the_byte_cap_is_refused_before_the_weights_are_read(tiny_folder, no_weights, monkeypatch):
     monkeypatch.setenv("SPACE_ID", "someone/rome-explorer")
     monkeypatch.setenv(model_policy.MODELS_ENV, str(tiny_folder))
     _parameters, size = _tiny_size(tiny_folder)
-    monkeypatch.setattr(ui, "LIMITS", replace(AppLimits(), max_model_bytes=size - 1))
+    monkeypatch.setattr(ui.config, "LIMITS", replace(AppLimits(), max_model_bytes=size - 1))
     with pytest.raises(gr.Error, match=rf"has {size:,} bytes of weights, over this app's limit of {size - 1:,} "
                                        r"\(ROME_EXPLORER_MAX_MODEL_BYTES\)"):
         _load(tiny_folder)
-    assert not ui._models
+    assert not ui.sessions._models
 
 
 def test_local_app_loads_any_model_and_sets_no_size_cap(tiny_folder, monkeypatch):
     monkeypatch.setenv("GRADIO_SERVER_NAME", "127.0.0.1")
-    monkeypatch.setattr(ui, "LIMITS", replace(AppLimits(), max_model_parameters=1, max_model_bytes=1))
+    monkeypatch.setattr(ui.config, "LIMITS", replace(AppLimits(), max_model_parameters=1, max_model_bytes=1))
     status, _workspace = _load(tiny_folder)
-    assert "gpt2, 4 layers" in status and list(ui._models) == [str(tiny_folder)]
+    assert "gpt2, 4 layers" in status and list(ui.sessions._models) == [str(tiny_folder)]
 
 
 def test_the_start_models_skip_the_caps(nothing_read, monkeypatch):
@@ -240,7 +240,7 @@ def test_opt_in_loads_hub_names_within_the_caps_only(no_weights, monkeypatch):
     _hub(monkeypatch, {"model.safetensors": 10_000_000_001}, config=tiny_config("gpt2", vocab=400), calls=calls)
     with pytest.raises(gr.Error, match="has 10,000,000,001 bytes of weights, over this app's limit of 10,000,000,000"):
         _load("owner/padded-model")
-    assert calls == ["owner/padded-model"] and not ui._models
+    assert calls == ["owner/padded-model"] and not ui.sessions._models
     # Within both caps: the check passes (the load itself would then download; not in a test).
     _hub(monkeypatch, {"model.safetensors": 400_000}, config=tiny_config("gpt2", vocab=400))
     model_policy.check_model("owner/small-model", AppLimits())

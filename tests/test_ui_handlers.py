@@ -9,19 +9,21 @@ import pytest
 import torch
 
 from conftest import build_tiny, traced_scores
-from explorer import ui
+from explorer import export, ui
 from explorer.bounded_cache import BoundedCache
 from explorer.editing import EditOptions
+from explorer.limits import AppLimits
+from explorer.models import DEFAULT_MODEL
 from explorer.stats import StatsSpec
 
 
 @pytest.fixture()
 def tiny_app(monkeypatch):
     handle = build_tiny("llama")
-    monkeypatch.setattr(ui, "shared_model", lambda name=ui.DEFAULT_MODEL, progress=None: handle)
+    monkeypatch.setattr(ui.sessions, "shared_model", lambda name=DEFAULT_MODEL, progress=None: handle)
     fast = EditOptions(steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
-    monkeypatch.setattr(ui, "EDIT_OPTIONS", fast)
-    monkeypatch.setattr(ui, "TRACE_CACHE", BoundedCache(32))  # the same tiny model in every test: no repeats across tests
+    monkeypatch.setattr(ui.config, "EDIT_OPTIONS", fast)
+    monkeypatch.setattr(ui.config, "TRACE_CACHE", BoundedCache(32))  # the same tiny model in every test: no repeats across tests
     return handle
 
 
@@ -57,7 +59,7 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     assert "edit(s) of yours" in edited[3] and "edit(s)" not in unedited[3]
     assert traced_scores(edited) != traced_scores(unedited)
     assert sorted(Path(p).suffix for p in edited[5]) == [".csv", ".json", ".npz", ".npz"]
-    assert edited[6] == str(ui.peak_mlp_layer(ui.export.trace_from_json(json.loads(Path(edited[5][0]).read_text()))))
+    assert edited[6] == str(ui.peak_mlp_layer(export.trace_from_json(json.loads(Path(edited[5][0]).read_text()))))
     # original vs edited on the same noise: the original side equals the other session's unedited trace
     compared = ui.compare_traces("{} is located in the city of", "The Eiffel Tower", " Rome", ["hidden"], 2, 2, 3, mine, **QUIET)
     original_z, edited_z, unedited_z = (np.asarray(figure["value"].data[0].z) for figure in (compared[0], compared[3], unedited[0]))
@@ -104,7 +106,7 @@ def test_bad_edit_input_is_a_gradio_error_and_changes_nothing(tiny_app, monkeypa
     for (kinds, samples, window, noise), message in bad_traces:
         with pytest.raises(gr.Error, match=message):
             traced("The Eiffel Tower is in", "The Eiffel Tower", kinds, samples, window, noise, workspace, **QUIET)
-    monkeypatch.setattr(ui, "LIMITS", ui.AppLimits(max_edits=1))
+    monkeypatch.setattr(ui.config, "LIMITS", AppLimits(max_edits=1))
     _edit(workspace)
     with pytest.raises(gr.Error, match="1 edits are active, the limit"):
         _edit(workspace)
@@ -249,11 +251,11 @@ def test_model_field_loads_a_folder_and_failures_say_why(tmp_path, monkeypatch):
     tiny = build_tiny("gpt2")
     tiny.model.save_pretrained(tmp_path / "gpt2")
     tiny.tokenizer.save_pretrained(tmp_path / "gpt2")
-    monkeypatch.setattr(ui, "_models", type(ui._models)())
+    monkeypatch.setattr(ui.sessions, "_models", type(ui.sessions._models)())
     workspace = ui.Workspace()
     status, edits, workspace, _poll = ui.load_session_model(str(tmp_path / "gpt2"), workspace, **QUIET)
     assert "gpt2, 4 layers" in status and edits == [] and workspace.session.handle.arch.model_type == "gpt2"
-    assert ui._preparations[str(tmp_path / "gpt2")].wait(120).running is False
+    assert ui.sessions._preparations[str(tmp_path / "gpt2")].wait(120).running is False
     status, poll = ui.status_line(workspace)  # the loaded model's first edit is prepared in the background
     # A random model knows no fact to choose its edit layer from: the line says so, and the poll stops.
     assert "gpt2, 4 layers" in status and "could not prepare: the model completes none" in status, status
@@ -306,7 +308,7 @@ def test_unicode_prompts_trace_and_their_labels_are_escaped(tiny_app, prompt, su
 def test_the_model_context_caps_the_prompt(tiny_app, monkeypatch):
     import gradio as gr
 
-    monkeypatch.setattr(ui, "LIMITS", ui.AppLimits(max_prompt_tokens=10_000))
+    monkeypatch.setattr(ui.config, "LIMITS", AppLimits(max_prompt_tokens=10_000))
     monkeypatch.setattr(tiny_app.model.config, "max_position_embeddings", 12)
     with pytest.raises(gr.Error, match="over the limit of 12"):
         traced("The Eiffel Tower is located in the city of Paris in France", "The Eiffel Tower", ["hidden"], 2, 2, 3,
@@ -316,7 +318,7 @@ def test_the_model_context_caps_the_prompt(tiny_app, monkeypatch):
 def test_trace_streams_its_heatmaps_and_repeats_come_from_the_cache(tiny_app, monkeypatch):
     import explorer.tracing as tracing
 
-    monkeypatch.setattr(ui, "STREAM_SECONDS", 0.0)  # every partial result reaches the page
+    monkeypatch.setattr(ui.config, "STREAM_SECONDS", 0.0)  # every partial result reaches the page
     monkeypatch.setattr(tracing, "STREAM_ROWS", 8)
     workspace = ui.Workspace()
     args = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden", "mlp", "attn"], 2, 3, 3)
@@ -342,7 +344,7 @@ def test_trace_streams_its_heatmaps_and_repeats_come_from_the_cache(tiny_app, mo
     assert "computing" not in final[3]
     assert not any(np.isnan(np.asarray(figure["value"].data[0].z, dtype=float)).any() for figure in final[:3])
     # The same trace again, from another session on the same unedited model: from the cache, not the engine.
-    monkeypatch.setattr(ui, "trace", lambda *a, **k: (_ for _ in ()).throw(AssertionError("traced again")))
+    monkeypatch.setattr(ui.trace_handlers, "trace", lambda *a, **k: (_ for _ in ()).throw(AssertionError("traced again")))
     again = list(ui.run_trace(*args, ui.Workspace(), **QUIET))
     assert len(again) == 1 and traced_scores(again[0]) == expected
     _edit(workspace)  # the session's edit is part of the key: its model is another one
