@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.cli import build_parser, _options
+from explorer.cli.arguments import build_parser, trace_options as _options
 from tests.conftest import REPO, one_torch_thread, run_cli, save_tiny
 
 PROMPT = "The Eiffel Tower is located in the city of"

@@ -1,0 +1,206 @@
+"""The commands: each reads its arguments, runs an engine with a progress bar, and prints or writes the result."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..export import json_text
+from ..prompts import InputError
+from .arguments import edit_options, trace_options
+from .console import ProgressBar, load, write_json
+
+def run_trace(args: argparse.Namespace) -> int:
+    """The ``trace`` command."""
+    from .. import export, plots
+    from ..prompts import clean_text
+    from ..attribution import estimate_trace
+    from ..tracing import trace
+
+    options = trace_options(args)
+    clean_text(args.prompt, "prompt")
+    handle = load(args)
+    bar = ProgressBar("tracing" if args.method == "exact" else "estimating")
+    engine = trace if args.method == "exact" else estimate_trace
+    try:
+        result = engine(handle, args.prompt, args.subject, options, progress=bar)
+    finally:
+        bar.done()
+    if result.subject_guessed:
+        print(f"subject (guessed): {result.subject}", file=sys.stderr)
+    print(plots.caption(result) + f"; {result.seconds:.1f} s", file=sys.stderr)
+    if args.json_out or not (args.html_out or args.npz_out):
+        write_json(args.json_out, export.trace_to_json(result))
+    if args.html_out:
+        Path(args.html_out).write_text(plots.trace_html(result), encoding="utf-8")
+    if args.npz_out:
+        export.write_npz(result, args.npz_out)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """The ``inspect`` command: one cell's logit-lens read-outs and the answer with and without its restoration."""
+    from ..inspection import inspect_cell, parse_cell
+    from ..prompts import clean_text
+
+    options = trace_options(args)
+    clean_text(args.prompt, "prompt")
+    kind, token, layer = parse_cell(args.cell)
+    handle = load(args)
+    found = inspect_cell(handle, args.prompt, args.subject, kind, token, layer, options)
+    print(f"{kind} cell at token {token} ({found.token_text!r}), layer {layer} (restores layers "
+          f"{found.restored_layers[0]}-{found.restored_layers[-1]}); answer {found.answer!r}: p = {found.answer_clean:.4f} clean, "
+          f"{found.answer_corrupted:.4f} corrupted, {found.answer_restored:.4f} with this cell restored", file=sys.stderr)
+    for label, predictions in (("logit lens, clean", found.lens_clean), ("logit lens, corrupted", found.lens_corrupted),
+                               ("logit lens, restored", found.lens_restored), ("output, restored", found.output_restored)):
+        print(f"  {label:<22}" + ", ".join(f"{text!r} {p:.3f}" for text, p in predictions), file=sys.stderr)
+    write_json(args.json_out, found.to_json())
+    return 0
+
+
+def run_average(args: argparse.Namespace) -> int:
+    """The ``average`` command."""
+    from ..aggregate import average_effects
+    from ..facts import load_facts
+
+    facts = load_facts(args.facts, args.limit)
+    options = trace_options(args)
+    handle = load(args)
+    bar = ProgressBar("averaging")
+    try:
+        result = average_effects(handle, facts, options, progress=bar)
+    finally:
+        bar.done()
+    print(f"{result.facts_correct} of {result.facts_total} facts predicted correctly", file=sys.stderr)
+    write_json(args.json_out, result.to_json())
+    return 0
+
+
+def run_severed(args: argparse.Namespace) -> int:
+    """The ``severed`` command."""
+    from ..aggregate import average_severed, known_prompts
+    from ..facts import load_facts
+
+    options = trace_options(args)
+    handle = load(args)
+    prompts: list[tuple[str, str | None]] = []
+    for item in args.inputs:
+        if item.endswith(".json") and Path(item).exists():
+            prompts.extend(known_prompts(handle, load_facts(item, args.limit)))
+        else:
+            prompts.append((item, args.subject))
+    bar = ProgressBar("severing")
+    try:
+        result = average_severed(handle, prompts, options, progress=bar)
+    finally:
+        bar.done()
+    write_json(args.json_out, result)
+    return 0
+
+
+def run_known(args: argparse.Namespace) -> int:
+    """The ``known`` command: correct completions per relation."""
+    from dataclasses import replace
+
+    from ..aggregate import answer_starts_with, top_prediction
+    from ..facts import load_facts
+
+    facts = load_facts(args.facts)
+    handle = load(args)
+    bar = ProgressBar("predicting")
+    updated, per_relation = [], {}
+    for index, fact in enumerate(facts):
+        bar(index / len(facts), fact.subject)
+        token = top_prediction(handle, fact.prompt)
+        ok = answer_starts_with(handle, fact, token)
+        updated.append(replace(fact, prediction=handle.tokenizer.decode([token])))
+        counts = per_relation.setdefault(fact.relation_id, [0, 0])
+        counts[0] += ok
+        counts[1] += 1
+    bar.done()
+    correct = sum(c for c, _ in per_relation.values())
+    print(f"{correct} of {len(facts)} facts completed correctly", file=sys.stderr)
+    if args.write_out:
+        Path(args.write_out).write_text(json_text([f.to_json() for f in updated]) + "\n", encoding="utf-8")
+    write_json(args.json_out, {"facts_total": len(facts), "facts_correct": correct,
+                                "relations": {r: {"correct": c, "total": t} for r, (c, t) in sorted(per_relation.items())}})
+    return 0
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    """The ``edit`` command: compute an edit, compare before and after, optionally save it."""
+    from dataclasses import asdict
+
+    from ..compare import Probes, compare, with_true_target
+    from ..editing import compute_edit, make_request, validate_options
+    from ..edits import EditSession, load_edit
+    from ..generation import GREEDY, Sampling
+
+    request = make_request(args.prompt, args.subject, args.target_new, args.target_true)
+    options = edit_options(args)
+    saved = [load_edit(path) for path in args.apply_edit]
+    if not 1 <= args.tokens <= 200:
+        raise InputError("--tokens must be between 1 and 200")
+    handle = load(args)
+    validate_options(handle, options)
+    session = EditSession(handle)
+    for edit in saved:
+        session.add(edit)
+    request = with_true_target(handle, request, session)
+    bar = ProgressBar("editing")
+    try:
+        with session.applied():
+            edit = compute_edit(handle, request, options, progress=bar)
+    finally:
+        bar.done()
+    sampling = GREEDY if args.sample_seed is None else Sampling(top_k=50, seed=args.sample_seed)
+    probes = Probes(tuple(args.paraphrase), tuple(args.neighborhood), tuple(args.generate), args.tokens, sampling)
+    report = compare(session, edit, probes)
+    if args.save_out:
+        edit.save(args.save_out)
+    summary = edit.summary()
+    data = {
+        "request": asdict(request),
+        "layer": edit.layer,
+        "method": edit.method,
+        "seconds": edit.seconds,
+        "stats": edit.stats,
+        "delta_norm": edit.delta_norm,
+        "relative_norm": summary["relative_norm"],
+        "phases": edit.phases,
+        "edits_applied_first": len(saved),
+        **report,
+    }
+    before, after = report["before"], report["after"]
+    print(f"layer {edit.layer}, {edit.method}, {edit.seconds:.1f} s; |dW| = {edit.delta_norm:.3g}", file=sys.stderr)
+    print(f"P({request.target_new!r}): {before['target_new_prob']:.4f} -> {after['target_new_prob']:.4f}", file=sys.stderr)
+    print(f"P({request.target_true!r}): {before['target_true_prob']:.4f} -> {after['target_true_prob']:.4f}", file=sys.stderr)
+    for old, new in zip(before["generations"], after["generations"]):
+        print(f"{old['prompt']}\n  original: {old['text']!r}\n  edited:   {new['text']!r}", file=sys.stderr)
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    write_json(args.json_out, data)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """The ``evaluate`` command: paper-style table on stderr, JSON to --json (or stdout)."""
+    from ..editing import validate_options
+    from ..evaluate import EvaluationSettings, evaluate, format_table, read_dataset
+
+    kind, cases = read_dataset(args.dataset, args.limit)
+    options = edit_options(args)
+    handle = load(args)
+    validate_options(handle, options)
+    settings = EvaluationSettings(method=args.method, generation=not args.skip_generation, edit=options)
+    partial = Path(args.json_out + ".partial.jsonl") if args.json_out else None
+    bar = ProgressBar(f"evaluating {args.method}")
+    try:
+        result = evaluate(handle, cases, kind, settings, partial, progress=bar)
+    finally:
+        bar.done()
+    print(format_table(result), file=sys.stderr)
+    write_json(args.json_out, result)
+    if partial is not None and partial.exists():
+        partial.unlink()  # the run finished: the JSON has every case
+    return 0
