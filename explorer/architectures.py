@@ -212,9 +212,8 @@ def few_row_linear(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """``nn.functional.linear`` with the product turned around for few rows.
 
     With a wide weight (the default model's 262k-row head) and few rows, MKL runs ``weight @ statesᵀ``
-    much faster than ``states @ weightᵀ``: 22 rows 224 vs 352 ms, 8 rows 71 vs 286 ms, 256 rows 1.31 vs
-    1.71 s; from 512 rows on the plain product is as fast or faster (2 threads, measured in one run).
-    Same values up to float rounding; autograd sees two ordinary products.
+    much faster than ``states @ weightᵀ``; past FEW_ROWS rows the plain product is as fast or faster
+    (timings in docs/performance.md). Same values up to float rounding; autograd sees two ordinary products.
     """
     flat = states.reshape(-1, states.shape[-1])
     if flat.shape[0] > FEW_ROWS:

@@ -5,8 +5,9 @@ then changes by ∇ₛp · (s' − s), summed over the states the cell restores 
 output per layer of its window). One forward and backward pass of the corrupted runs gives ∇ₛp for every
 state at once (Nanda 2023, "Attribution patching"). Where the corrupted run is saturated the gradient
 there says little (Kramár et al. 2024, AtP*); averaging the gradients along the path from the corrupted
-input to the clean one (integrated gradients over k points) is the remedy measured here; which gradient
-serves each kind best was chosen by measurement (docs/attribution.md). Estimates are scores on the trace's scale: low_score plus the estimated effect.
+input to the clean one (integrated gradients over k points) is the remedy; which gradient serves each
+kind best was chosen by measurement (docs/attribution.md). Estimates are scores on the trace's scale:
+low_score plus the estimated effect.
 """
 from __future__ import annotations
 
@@ -38,10 +39,9 @@ ESTIMATORS: dict[str, tuple[float, ...]] = {
     "endpoints": (1.0, 0.0),  # the mean of the two (trapezoid rule with one interval)
     **{f"integrated-{k}": tuple(1 - (i + 0.5) / k for i in range(k)) for k in (2, 4, 8)},  # midpoint rule, k points
 }
-# Per kind, the estimator that agreed best with the exact trace over 20 facts of the bundled set
-# (docs/attribution.md): the corrupted run's own gradient for hidden states and attention (peak token
-# right in 95% and 100% of facts), integrated gradients for MLP outputs, whose one-step estimate misses
-# the subject (its exact peak's token found in 87% of facts against 7%).
+# Per kind, the estimator that agreed best with the exact trace (docs/attribution.md has the comparison):
+# the corrupted run's own gradient for hidden states and attention; integrated gradients for MLP outputs,
+# where the corrupted run saturates and its one-step gradient misses the subject.
 PER_KIND = {"hidden": "one-step", "mlp": "integrated-4", "attn": "one-step"}
 DEFAULT_ESTIMATOR = "per-kind"
 
