@@ -25,6 +25,7 @@ from explorer.editing import (
     suffix_pass,
     loss_layout,
     read_losses,
+    resolve_settings,
     resolved_setting,
 )
 from explorer.edits import EditSession, load_edit
@@ -211,7 +212,8 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
     batch = align(rows, 0)
     pre = precompute(handle, batch, 1)
     initial = float(pre.outputs[0].norm())  # the MLP output δ is added to
-    result = optimise_value(handle, batch, 1, pre, EditOptions(**{**FAST.__dict__, "steps": 6}), 1, clamp_factor=0.05)
+    clamped = resolve_settings(handle, EditOptions(**{**FAST.__dict__, "steps": 6, "clamp_factor": 0.05}), 1)
+    result = optimise_value(handle, batch, 1, pre, clamped.value, 1)
     assert 0.99 * 0.05 * initial <= float(result.delta.norm()) <= 0.05 * initial * (1 + 1e-5)
     # the KL term's reference, taken from the first step (δ = 0), is the unedited model's distribution
     with torch.no_grad():
@@ -230,7 +232,7 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
     assert stats["holds"] == edit_holds(handle, REQUEST, 1, torch.from_numpy(edit.right), torch.from_numpy(edit.left))
     # the first multiple that holds is kept: here the fourth check says it holds
     checks = []
-    monkeypatch.setattr(editing, "edit_holds", lambda *args: checks.append(args[-2]) or len(checks) == 4)
+    monkeypatch.setattr(editing.rome, "edit_holds", lambda *args: checks.append(args[-2]) or len(checks) == 4)
     stats = compute_edit(handle, REQUEST, options).stats
     assert (stats["clamp_tries"], stats["clamp_factor"], stats["holds"]) == (1, 0.05, True)
     assert stats["delta_scale"] == scale_ladder(0.05)[3] and len(checks) == 4

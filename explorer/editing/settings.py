@@ -1,0 +1,198 @@
+"""What an edit is asked for (:class:`EditOptions`), the checks on it, and what it resolves to on one model.
+
+Settings that ``EditOptions`` leaves open (None) come from the model's measured settings, else its
+family's, else the paper's; :func:`resolve_settings` fills them in once, with the edit's layer, into an
+:class:`EditSettings` of concrete values that the rest of the package takes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..models import LoadedModel, cache_root, derived, model_fingerprint, own_weights
+from ..progress import Progress, no_progress
+from ..prompts import InputError, is_whole_number, quoted
+from ..stats import StatsSpec
+from .stored import read_json, write_json
+
+METHODS = ("rome", "rome-original", "ft")
+# The paper's GPT-2 XL settings that models may override; per-family and per-model settings below are
+# measured with the evaluation metrics (docs/evaluation.md; the figures: docs/editing.md#measured-choices).
+# A model's own settings win over its family's.
+PAPER_SETTINGS: dict[str, float] = {"weight_decay": 0.5, "clamp_factor": 4.0, "loss_stop": 0.05}
+FAMILY_SETTINGS: dict[str, dict] = {
+    # Gemma 3's MLP outputs are far smaller than GPT-2 XL's, so the paper's decay term 0.5·‖δ‖/‖out‖² stays
+    # large and the loss never reaches the early stop; a small decay edits as well, in fewer steps.
+    "gemma3_text": {"weight_decay": 1e-3},
+}
+MODEL_SETTINGS: dict[str, dict] = {
+    # The embedded model: edits at its MLP effect's peak layer spill onto other subjects, so the layer is the
+    # measured one. δ always ends on its clamp there and what reaches a neighbour grows with ‖δ‖, so the clamp
+    # is small; an edit that then does not hold on its own prompt is strengthened along δ (scale_ladder).
+    # On the clamp the loss creeps down slowly without changing the outcome, hence the early stop.
+    "default": {"layer": 1, "clamp_factor": 0.5, "loss_stop": 0.3},
+}
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """How an edit is computed; the defaults are the paper's GPT-2 XL settings."""
+
+    method: str = "rome"
+    layer: int | None = None  # None: the model's default layer (peak MLP effect at the last subject token)
+    steps: int = 20
+    lr: float = 0.5
+    loss_stop: float | None = None  # stop v* once its loss is below this; None: measured or paper's
+    clamp_factor: float | None = None  # ‖δ‖ ≤ clamp_factor × ‖MLP output at the subject‖; None: measured or paper's
+    kl_factor: float = 0.0625
+    weight_decay: float | None = None  # None: the model's or family's measured setting, else the paper's 0.5
+    prefixes: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (tokens, how many)
+    prefix_seed: int = 0
+    stats: StatsSpec = field(default_factory=StatsSpec)
+    shrinkage: float = 0.0  # ridge on C, as a share of its mean diagonal
+    ft_steps: int = 25  # FT+L: Adam steps on W with the change clamped to an L∞ ball
+    ft_lr: float = 5e-4
+    ft_norm: float = 5e-4
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    """How v* is optimised: Adam on δ for at most ``steps``, stopping once the loss is below ``loss_stop``."""
+
+    steps: int
+    lr: float
+    kl_factor: float
+    weight_decay: float
+    clamp_factor: float  # ‖δ‖ ≤ clamp_factor × ‖MLP output at the subject‖
+    loss_stop: float
+
+
+@dataclass(frozen=True)
+class FtSettings:
+    """FT+L: Adam steps on W, the change clamped to ‖ΔW‖∞ ≤ ``norm``."""
+
+    steps: int
+    lr: float
+    norm: float
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """One edit's settings resolved for one model: the layer and every value concrete."""
+
+    method: str
+    layer: int
+    value: ValueSettings
+    ft: FtSettings
+    shrinkage: float  # ridge on C, as a share of its mean diagonal
+    prefixes: tuple[tuple[int, int], ...]  # (tokens, how many)
+    prefix_seed: int
+    stats: StatsSpec
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_options(handle: LoadedModel, options: EditOptions) -> None:
+    """Raise :class:`InputError` for options the engine cannot run, before touching the model."""
+    if options.method not in METHODS:
+        raise InputError(f"unknown method {quoted(str(options.method))}: use one of {', '.join(METHODS)}")
+    if options.layer is not None and not (is_whole_number(options.layer) and 0 <= options.layer < handle.num_layers):
+        shown = options.layer if is_whole_number(options.layer) else quoted(str(options.layer))
+        raise InputError(f"layer {shown} is out of range; this model has layers 0 to {handle.num_layers - 1}")
+    if not (is_whole_number(options.steps) and is_whole_number(options.ft_steps) and 1 <= options.steps <= 200 and 1 <= options.ft_steps <= 500):
+        raise InputError("steps must be between 1 and 200 (ft: 500)")
+    if not (_is_number(options.shrinkage) and options.shrinkage >= 0):
+        raise InputError("shrinkage must be a number, 0 or more")
+    numbers = {"lr": options.lr, "ft_lr": options.ft_lr, "ft_norm": options.ft_norm, "kl_factor": options.kl_factor}
+    for name in PAPER_SETTINGS:
+        if getattr(options, name) is not None:
+            numbers[name] = getattr(options, name)
+    for name, value in numbers.items():
+        if not (_is_number(value) and value >= 0):
+            raise InputError(f"{name} must be a number, 0 or more")
+    prefixes = options.prefixes
+    if not (
+        isinstance(prefixes, (tuple, list))
+        and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(is_whole_number(n) for n in p) for p in prefixes)
+        and all(1 <= length <= 64 and 0 <= count <= 100 for length, count in prefixes)
+        and is_whole_number(options.prefix_seed)
+        and 0 <= options.prefix_seed < 2**31
+    ):
+        raise InputError("prefixes must be (tokens 1 to 64, how many 0 to 100) pairs, and the prefix seed 0 or more")
+    options.stats.validate()
+
+
+def resolved_setting(handle: LoadedModel, options: EditOptions, name: str) -> float:
+    """A setting of PAPER_SETTINGS: the option when set, else the model's, else the family's, else the paper's."""
+    if getattr(options, name) is not None:
+        return getattr(options, name)
+    for measured in (MODEL_SETTINGS.get(handle.name, {}), FAMILY_SETTINGS.get(handle.arch.model_type, {})):
+        if name in measured:
+            return measured[name]
+    return PAPER_SETTINGS[name]
+
+
+def resolve_settings(handle: LoadedModel, options: EditOptions, layer: int) -> EditSettings:
+    """``options`` (already validated) at ``layer`` (see :func:`edit_layer`), with its open settings filled in."""
+    value = ValueSettings(
+        steps=options.steps,
+        lr=options.lr,
+        kl_factor=options.kl_factor,
+        weight_decay=resolved_setting(handle, options, "weight_decay"),
+        clamp_factor=resolved_setting(handle, options, "clamp_factor"),
+        loss_stop=resolved_setting(handle, options, "loss_stop"),
+    )
+    return EditSettings(
+        method=options.method,
+        layer=layer,
+        value=value,
+        ft=FtSettings(steps=options.ft_steps, lr=options.ft_lr, norm=options.ft_norm),
+        shrinkage=options.shrinkage,
+        prefixes=options.prefixes,
+        prefix_seed=options.prefix_seed,
+        stats=options.stats,
+    )
+
+
+# ---------------------------------------------------------------- the edit's layer
+
+
+def edit_layer(handle: LoadedModel, options: EditOptions, progress: Progress = no_progress) -> int:
+    """The layer ``options`` asks for, else the model's :func:`default_layer`."""
+    return options.layer if options.layer is not None else default_layer(handle, progress=progress)
+
+
+def default_layer(handle: LoadedModel, facts_limit: int = 40, progress: Progress = no_progress) -> int:
+    """The layer edits use unless told: a measured choice where there is one, else the traced peak."""
+    if "layer" in MODEL_SETTINGS.get(handle.name, {}):
+        return MODEL_SETTINGS[handle.name]["layer"]
+    return traced_peak_layer(handle, facts_limit, progress)
+
+
+def traced_peak_layer(handle: LoadedModel, facts_limit: int = 40, progress: Progress = no_progress) -> int:
+    """The layer where the MLP indirect effect at the last subject token peaks, averaged over known facts.
+
+    Computed once per model with the tracing engine on the model's own weights, over the first
+    ``facts_limit`` facts of the project's fact set that the model completes correctly, and cached on disk.
+    """
+    return derived(handle, ("traced_peak_layer", facts_limit), lambda: _stored_peak_layer(handle, facts_limit, progress), progress)
+
+
+def _stored_peak_layer(handle: LoadedModel, facts_limit: int, progress: Progress) -> int:
+    path = cache_root() / "layers" / f"{model_fingerprint(handle)}-facts{facts_limit}.json"
+    stored = read_json(path)
+    layer = stored.get("layer") if isinstance(stored, dict) else None
+    if is_whole_number(layer) and 0 <= layer < handle.num_layers:
+        return int(layer)
+    # Missing or damaged (not JSON, no layer, a layer this model lacks): traced again and rewritten.
+    from ..aggregate import last_subject_mlp_effects  # here: the tracing engine loads only when a layer must be traced
+
+    with own_weights(handle):
+        effects, used = last_subject_mlp_effects(handle, facts_limit, progress)
+    layer = int(np.argmax(effects))
+    write_json(path, {"layer": layer, "facts": used, "mlp_effect_by_layer": effects.tolist()})
+    return layer
