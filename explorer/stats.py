@@ -336,7 +336,8 @@ def _stored_second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, prog
             moments, count = accumulate_second_moments(handle, rows, layers, progress, start=0.8 if spec.corpus == "sample" else 0.0)
             for computed, matrix in moments.items():
                 _save_layer(folder, computed, matrix, count)
-            loaded = (moments[layer], count)
+            # As stored (float32, back in float64): the first edit gets the numbers every later one reads.
+            loaded = (stored_precision(moments[layer]), count)
     finally:
         if file_lock.is_locked:
             file_lock.release()
@@ -368,6 +369,11 @@ def _load_layer(folder: Path, layer: int, width: int | None = None) -> tuple[tor
     ):
         return None
     return matrix.double(), count
+
+
+def stored_precision(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` as a cached C holds it (float32, half the disk), returned in float64 as every solve uses it."""
+    return matrix.float().double()
 
 
 def _save_layer(folder: Path, layer: int, matrix: torch.Tensor, count: int) -> None:

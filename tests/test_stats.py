@@ -191,3 +191,12 @@ def test_sampled_corpus_keeps_every_layer_and_other_corpora_only_the_asked(cache
     assert sorted(p.name for p in sampled.iterdir()) == [f"layer_{l}.pt" for l in range(4)]
     assert [p.name for p in wikipedia.iterdir()] == ["layer_1.pt"]
     shutil.rmtree(cache)
+
+
+def test_an_edit_is_the_same_whether_its_statistics_were_just_computed_or_read_from_disk(cache):
+    """C is cached in float32: the edit made while C is computed must use those numbers, not the pass's float64."""
+    options = EditOptions(layer=1, steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="wikipedia", tokens=2000))
+    request = make_request("{} is located in the city of", "The Eiffel Tower", " Rome")
+    cold = compute_edit(build_tiny("gpt2"), request, options)  # computes C and writes it
+    warm = compute_edit(build_tiny("gpt2"), request, options)  # a fresh load of the same model: C read from disk
+    assert np.array_equal(cold.left, warm.left) and np.array_equal(cold.right, warm.right)
