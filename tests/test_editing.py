@@ -3,6 +3,7 @@ the rank-one algebra, exact undo, session isolation, saved edits and bad input."
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -416,3 +417,18 @@ def test_online_wikipedia_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     with pytest.raises(InputError, match="datasets"):
         stats.second_moment(build_tiny("gpt2"), 1, StatsSpec(corpus="wikipedia-online", tokens=1000))
+
+
+def test_prefixes_given_as_lists_work_as_tuples():
+    """Validation accepts [length, count] lists (JSON gives them); they must ask for the same prefixes as tuples."""
+    from explorer.editing import context_prefixes
+
+    handle = build_tiny("gpt2")
+    as_lists = EditOptions(prefixes=[[3, 2], [4, 1]], prefix_seed=3)
+    as_tuples = EditOptions(prefixes=((3, 2), (4, 1)), prefix_seed=3)
+    assert context_prefixes(handle, as_lists) == context_prefixes(handle, as_tuples)
+    request = make_request("{} is located in the city of", "The Eiffel Tower", " Rome")
+    fast = dict(layer=1, steps=2, stats=StatsSpec(corpus="identity"))
+    listed = compute_edit(handle, request, replace(as_lists, **fast))
+    tupled = compute_edit(handle, request, replace(as_tuples, **fast))
+    assert np.array_equal(listed.left, tupled.left) and np.array_equal(listed.right, tupled.right)

@@ -152,7 +152,7 @@ def resolve_settings(handle: LoadedModel, options: EditOptions, layer: int) -> E
         value=value,
         ft=FtSettings(steps=options.ft_steps, lr=options.ft_lr, norm=options.ft_norm),
         shrinkage=options.shrinkage,
-        prefixes=options.prefixes,
+        prefixes=tuple((int(length), int(count)) for length, count in options.prefixes),
         prefix_seed=options.prefix_seed,
         stats=options.stats,
     )
