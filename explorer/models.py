@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +21,7 @@ import torch
 from filelock import FileLock
 
 from . import offload
+from .atomic import write_folder_atomically
 from .architectures import Architecture, UnsupportedModelError, architecture_for, supported_model_types
 from .model_cache import CurrentWeightsValue, OwnWeightsValues
 from .progress import Progress, no_progress
@@ -362,8 +361,8 @@ def _convert_default_model(folder: Path, expected: dict, progress: Progress) -> 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     progress(0.9, "writing the converted copy to the cache")
-    temporary = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    try:
+
+    def write(temporary: Path) -> None:
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
         files = {
@@ -372,11 +371,6 @@ def _convert_default_model(folder: Path, expected: dict, progress: Progress) -> 
             if path.is_file()
         }
         (temporary / "manifest.json").write_text(json.dumps({"source": expected, "files": files}, indent=1))
-        if folder.exists():  # stale or damaged: move aside, then swap in the new copy
-            stale = Path(tempfile.mkdtemp(prefix=folder.name + ".stale-", dir=folder.parent))
-            os.replace(folder, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(temporary, folder)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+
+    write_folder_atomically(folder, write)  # a stale or damaged copy is replaced whole
     return model, tokenizer
