@@ -4,7 +4,7 @@
 
 - ``whole rows, float64 sum``: logits for all vocabulary entries of 512 rows at a time, every exponential
   summed in float64 (the tracing engine before this benchmark).
-- ``vocabulary blocks``: what ``explorer.tracing.answer_probabilities`` does now: logits per block of
+- ``vocabulary blocks``: what ``explorer.tracing.answer_probabilities`` does: logits per block of
   ``VOCAB_BLOCK`` entries, float32 sums per block, blocks merged in float64.
 - ``vocabulary blocks, weight @ statesᵀ``: the same with the product computed the other way round.
 

@@ -24,23 +24,24 @@ import argparse
 import torch
 
 from explorer import tracing
+from explorer.tracing import scheduling
 from explorer.models import load_model
 
 
 def traced_final_states(handle, prompt: str, subject: str) -> torch.Tensor:
     """The restored rows' final states of one full trace (the engine's one unembedding call per trace)."""
     recorded = []
-    original = tracing.answer_probabilities
+    original = scheduling.answer_probabilities
 
     def recording(handle, final_states, answer_id, *args, **kwargs):
         recorded.append(final_states.clone())
         return original(handle, final_states, answer_id, *args, **kwargs)
 
-    tracing.answer_probabilities = recording
+    scheduling.answer_probabilities = recording  # where score_cells calls it
     try:
         tracing.trace(handle, prompt, subject)
     finally:
-        tracing.answer_probabilities = original
+        scheduling.answer_probabilities = original
     return max(recorded, key=len)  # the clean and corrupted runs' calls have one and ``samples`` rows
 
 

@@ -9,6 +9,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from explorer.tracing import KINDS, Cell, TraceOptions, embedding_std, plan_pass, subject_noise, trace, trace_severed, window_layers
+from explorer.tracing import (
+    DEFAULT_LIMITS,
+    SEVERED_KEYS,
+    cells_for_kind,
+    reference_scores,
+    run_clean_and_corrupted,
+    score_cells,
+    severed_cells,
+    validated_inputs,
+)
 from explorer.testing import oracle
 from tests.conftest import FAMILIES, build_tiny
 
@@ -131,6 +141,32 @@ def test_severed_paths_match_the_per_cell_loop(family):
         assert np.abs(expected[key] - expected["ordinary"]).max() > 1e-3, key
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+def test_batched_engine_equals_the_reference_executor_for_every_kind(family):
+    """The batched passes (cached prefix, skipped blocks and rows, copied outputs, donors) score every cell as
+    one plain forward pass per cell does (tracing/reference.py): each kind, windows of 3, the severed cells."""
+    handle = build_tiny(family)
+    options = TraceOptions(samples=2, window=3, noise=6.0, seed=2)
+    tokenized, _guessed, noise_std = validated_inputs(handle, PROMPT, SUBJECT, options, DEFAULT_LIMITS)
+    runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
+    cells = {kind: list(cells_for_kind(kind, tokenized, handle.num_layers, options.window).values()) for kind in KINDS}
+    # As trace schedules them: every kind's cells together, so cells of different kinds share passes.
+    together = score_cells(handle, runs, [cell for kind in KINDS for cell in cells[kind]])
+    engine = dict(zip(KINDS, np.split(together, np.cumsum([len(cells[kind]) for kind in KINDS])[:-1])))
+    for key, severed_kind in SEVERED_KEYS.items():  # as trace_severed schedules them: one analysis at a time
+        cells[key] = list(severed_cells(tokenized, handle.num_layers, severed_kind).values())
+        engine[key] = score_cells(handle, runs, cells[key])
+    assert any(len(cell.restores) > 1 for cell in cells["mlp"]) and any(cell.freezes for cell in cells["attn_severed"])
+    for key, group in cells.items():
+        expected = reference_scores(handle, runs, group)
+        np.testing.assert_allclose(engine[key], expected, atol=1e-5, rtol=0, err_msg=key)
+        # Not vacuous: restoring moves the answer's probability by far more than the tolerance somewhere,
+        # and freezing moves the severed curves away from the ordinary one.
+        assert np.abs(expected - runs.low_score).max() > 1e-3, key
+        if SEVERED_KEYS.get(key):
+            assert np.abs(expected - engine["ordinary"]).max() > 1e-3, key
+
+
 def test_subject_tokens_bos_and_no_bos():
     with_bos, without = build_tiny("llama"), build_tiny("gpt2")
     a = trace(with_bos, PROMPT, SUBJECT, TraceOptions(samples=2, kinds=("hidden",)))
@@ -208,6 +244,7 @@ def test_cancel_stops_a_trace_and_leaves_no_hook():
 @pytest.mark.parametrize("family", ["gptj", "gemma2", "llama"])  # head with a bias; logit softcapping; plain
 def test_answer_probabilities_over_vocabulary_blocks_equal_a_float64_softmax(family, monkeypatch):
     from explorer import tracing
+    from explorer.tracing import unembedding
 
     handle = build_tiny(family)
     vocab, hidden = handle.arch.unembedding.weight.shape
@@ -216,7 +253,7 @@ def test_answer_probabilities_over_vocabulary_blocks_equal_a_float64_softmax(fam
         expected = torch.softmax(handle.arch.logits(states).double(), dim=-1)
     # Blocks multiply float32 rounding differently from one product over the whole vocabulary: ~1e-6 in p.
     for block in (7, vocab - 1, vocab, 8192):  # ragged last block, one entry left over, one block, the default
-        monkeypatch.setattr(tracing, "VOCAB_BLOCK", block)
+        monkeypatch.setattr(unembedding, "VOCAB_BLOCK", block)  # read there, where answer_probabilities lives
         for answer in (0, 6, 7, vocab - 1):
             for memory_mb in (0, 1024):  # one row at a time, all rows at once
                 got = tracing.answer_probabilities(handle, states, answer, memory_mb)
@@ -253,9 +290,9 @@ def test_windows_clipped_at_the_first_layer_share_their_common_blocks():
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])
 def test_streamed_trace_fills_in_the_informative_tokens_first_and_ends_as_the_plain_one(family, monkeypatch):
-    import explorer.tracing as tracing
+    from explorer.tracing import scheduling
 
-    monkeypatch.setattr(tracing, "STREAM_ROWS", 8)  # score after every pass, so there are many partial results
+    monkeypatch.setattr(scheduling, "STREAM_ROWS", 8)  # score after every pass, so there are many partial results
     handle = build_tiny(family)
     options = TraceOptions(samples=3, window=3, seed=2)
     plain = trace(handle, PROMPT, SUBJECT, options)

@@ -246,7 +246,7 @@ def test_model_field_loads_a_folder_and_failures_say_why(tmp_path, monkeypatch):
     """The real loader behind the model field: a local folder loads, a missing one is a clear error, nothing breaks."""
     import gradio as gr
 
-    from conftest import build_tiny, traced_scores
+    from conftest import build_tiny
 
     tiny = build_tiny("gpt2")
     tiny.model.save_pretrained(tmp_path / "gpt2")
@@ -316,10 +316,10 @@ def test_the_model_context_caps_the_prompt(tiny_app, monkeypatch):
 
 
 def test_trace_streams_its_heatmaps_and_repeats_come_from_the_cache(tiny_app, monkeypatch):
-    import explorer.tracing as tracing
+    from explorer.tracing import scheduling
 
     monkeypatch.setattr(ui.config, "STREAM_SECONDS", 0.0)  # every partial result reaches the page
-    monkeypatch.setattr(tracing, "STREAM_ROWS", 8)
+    monkeypatch.setattr(scheduling, "STREAM_ROWS", 8)  # where score_cells reads it
     workspace = ui.Workspace()
     args = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden", "mlp", "attn"], 2, 3, 3)
     updates = list(ui.run_trace(*args, workspace, **QUIET))
