@@ -60,3 +60,12 @@ def test_readme_front_matter_makes_a_gradio_space():
 
 def test_torch_is_pinned():
     assert "torch==2.13.0" in (REPO / "requirements.txt").read_text().splitlines()
+
+
+def test_readme_layout_names_every_module():
+    """A newcomer finds where a thing lives from the README's layout: every module and package of explorer/ is in it."""
+    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"[a-z_]+", layout))
+    modules = {path.stem for path in (REPO / "explorer").glob("*.py")} - {"__init__", "__main__"}
+    packages = {path.parent.name for path in (REPO / "explorer").glob("*/__init__.py")}
+    assert sorted((modules | packages) - named) == []
