@@ -190,8 +190,8 @@ class Architecture:
 
         ``vocab`` restricts them to a slice of the vocabulary (same values as slicing the full logits).
         ``for_gradients``: the plain product, whose backward multiplies by the weight as stored. For states
-        that are a strided view (the last position of a batch), the turned-around product's backward took
-        4.3 s instead of about 0.1 s for 10 rows of the default model (attribution patching's case).
+        that are a strided view (the last position of a batch), the turned-around product's backward is
+        many times slower (docs/performance.md).
         """
         head = self.unembedding  # an nn.Linear in every family of the table
         vocab = vocab if vocab is not None else slice(None)

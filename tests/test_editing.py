@@ -13,7 +13,6 @@ from conftest import FAMILIES, build_tiny
 from explorer import editing, hooks, stats
 from explorer.editing import (
     EditOptions,
-    _row,
     align,
     compute_edit,
     context_templates,
@@ -23,6 +22,7 @@ from explorer.editing import (
     optimise_value,
     make_request,
     precompute,
+    prompt_row,
     suffix_pass,
     loss_layout,
     read_losses,
@@ -63,7 +63,7 @@ def test_fast_value_pass_matches_plain_forward(tiny):
     layer = 2
     templates = context_templates(["Some text here", "A much longer prefix with several words in it"])
     targets = target_ids(tiny, " Rome city")
-    rows = [_row(tiny, template, REQUEST, targets) for template in templates]
+    rows = [prompt_row(tiny, template, REQUEST, targets) for template in templates]
     batch = align(rows, pad_id=0)
     pre = precompute(tiny, batch, layer)
     delta = torch.randn(pre.outputs.shape[-1], generator=torch.Generator().manual_seed(0))
@@ -101,7 +101,7 @@ def test_template_context_is_computed_once_per_templates_and_weights(family):
     templates = context_templates(["Some text here", "A much longer prefix with several words in it"])
     other = make_request("The sport {} plays is", "Michael Jordan", " tennis")
     batches = [
-        align([_row(handle, t, r, target_ids(handle, r.target_new)) for t in templates], pad_id=0) for r in (REQUEST, other)
+        align([prompt_row(handle, t, r, target_ids(handle, r.target_new)) for t in templates], pad_id=0) for r in (REQUEST, other)
     ]
     assert batches[0].context > 0 and [row.context for row in batches[0].rows] == [row.context for row in batches[1].rows]
     edit = compute_edit(handle, REQUEST, FAST)  # first: its own templates' context is not the one kept below
@@ -209,7 +209,7 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
     assert resolved_setting(handle, EditOptions(clamp_factor=3.0, weight_decay=0.25), "clamp_factor") == 3.0
     assert resolved_setting(handle, EditOptions(weight_decay=0.25), "weight_decay") == 0.25
     # the clamp holds: ‖δ‖ never exceeds clamp_factor × the MLP output's norm (and binds here)
-    rows = [_row(handle, "{}", REQUEST, target_ids(handle, REQUEST.target_new)), _row(handle, "{}", REQUEST, [], kl=True)]
+    rows = [prompt_row(handle, "{}", REQUEST, target_ids(handle, REQUEST.target_new)), prompt_row(handle, "{}", REQUEST, [], kl=True)]
     batch = align(rows, 0)
     pre = precompute(handle, batch, 1)
     initial = float(pre.outputs[0].norm())  # the MLP output δ is added to

@@ -81,7 +81,6 @@ from .settings import (
     validate_options,
 )
 
-_row = prompt_row  # the name the tests know it by
 
 __all__ = [
     "AlignedBatch",
@@ -101,7 +100,6 @@ __all__ = [
     "SCALE_STEP",
     "ValueResult",
     "ValueSettings",
-    "_row",
     "align",
     "compute_edit",
     "compute_ft",
