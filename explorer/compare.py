@@ -70,7 +70,7 @@ def compare(session: EditSession, edit: Edit, probes: Probes) -> dict:
     with session.applied():
         before = snapshot(handle, request, probes)
     trial = EditSession(handle)
-    trial.edits = [*session.edits, edit]
+    trial.edits = [*session.applied_edits(), edit]
     with trial.applied():
         after = snapshot(handle, request, probes)
     return {

@@ -172,11 +172,16 @@ def load_edit(path: str | Path) -> Edit:
 
 
 class EditSession:
-    """One user's stack of edits over a shared model; the model is edited only inside :meth:`applied`."""
+    """One user's stack of edits over a shared model; the model is edited only inside :meth:`applied`.
+
+    An edit can be switched off: it stays in the stack, in its place, but is not applied until switched
+    on again (``switched_off`` holds the positions of those).
+    """
 
     def __init__(self, handle: LoadedModel) -> None:
         self.handle = handle
         self.edits: list[Edit] = []
+        self.switched_off: set[int] = set()
 
     def check(self, edit: Edit) -> None:
         """Raise :class:`InputError` if ``edit`` was not made for this model."""
@@ -203,21 +208,39 @@ class EditSession:
         self.check(edit)
         self.edits.append(edit)
 
-    def undo(self, index: int = -1) -> Edit:
-        """Remove one edit (the last by default) and return it."""
+    def _position(self, index: int, what: str) -> int:
         if not self.edits:
-            raise InputError("there is no edit to undo")
+            raise InputError(f"there is no edit to {what}")
         if not -len(self.edits) <= index < len(self.edits):
             raise InputError(f"there is no edit number {index}; the session has {len(self.edits)}")
-        return self.edits.pop(index)
+        return index % len(self.edits)
+
+    def undo(self, index: int = -1) -> Edit:
+        """Remove one edit (the last by default) and return it."""
+        position = self._position(index, "undo")
+        self.switched_off = {p if p < position else p - 1 for p in self.switched_off if p != position}
+        return self.edits.pop(position)
 
     def clear(self) -> None:
         """Remove every edit."""
         self.edits.clear()
+        self.switched_off.clear()
+
+    def switch(self, index: int, on: bool) -> None:
+        """Apply edit ``index`` again (``on``) or keep it without applying it."""
+        position = self._position(index, "switch")
+        if on:
+            self.switched_off.discard(position)
+        else:
+            self.switched_off.add(position)
+
+    def applied_edits(self) -> list[Edit]:
+        """The edits :meth:`applied` applies: every one not switched off, oldest first."""
+        return [edit for position, edit in enumerate(self.edits) if position not in self.switched_off]
 
     def active(self) -> list[dict]:
-        """Summaries of the active edits, oldest first."""
-        return [edit.summary() for edit in self.edits]
+        """Summaries of the session's edits, oldest first, each saying whether it is applied (``on``)."""
+        return [{**edit.summary(), "on": position not in self.switched_off} for position, edit in enumerate(self.edits)]
 
     @contextmanager
     def applied(self) -> Iterator[LoadedModel]:
@@ -232,9 +255,10 @@ class EditSession:
             registered: list[int] = []
             previous_state = handle.weights_state
             try:
-                if self.edits:
+                applying = self.applied_edits()
+                if applying:
                     handle.weights_state = object()  # values computed from the weights are not reused in here
-                for edit in self.edits:
+                for edit in applying:
                     if edit.layer not in originals:
                         originals[edit.layer] = handle.arch.save_mlp_out(edit.layer)
                         if edit.layer not in handle.originals:  # an enclosing block already holds the model's own

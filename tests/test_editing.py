@@ -432,3 +432,39 @@ def test_prefixes_given_as_lists_work_as_tuples():
     listed = compute_edit(handle, request, replace(as_lists, **fast))
     tupled = compute_edit(handle, request, replace(as_tuples, **fast))
     assert np.array_equal(listed.left, tupled.left) and np.array_equal(listed.right, tupled.right)
+
+
+def test_switching_an_edit_off_and_on_restores_the_exact_weights():
+    """An edit switched off is kept but not applied; on again, the weights are bit for bit those of before."""
+    handle = build_tiny("llama")
+    fast = EditOptions(steps=2, prefixes=((3, 1),), stats=StatsSpec(corpus="identity"))
+    first = compute_edit(handle, make_request("{} is located in the city of", "The Eiffel Tower", " Rome"), replace(fast, layer=1))
+    second = compute_edit(handle, make_request("{} plays the", "Miles Davis", " guitar"), replace(fast, layer=2))
+    third = compute_edit(handle, make_request("{} was born in", "Marie Curie", " Oslo"), replace(fast, layer=1))
+    session = EditSession(handle)
+    for made in (first, second, third):
+        session.add(made)
+    weights = lambda: [handle.arch.mlp_out_weight(layer).detach().clone() for layer in range(handle.num_layers)]
+    own = weights()
+    with session.applied():
+        all_on = weights()
+    session.switch(1, on=False)
+    assert [summary["on"] for summary in session.active()] == [True, False, True]
+    with session.applied():
+        without_second = weights()
+    only = EditSession(handle)
+    only.add(first)
+    only.add(third)
+    with only.applied():
+        assert all(torch.equal(a, b) for a, b in zip(without_second, weights()))  # as if the second were never made
+    assert torch.equal(without_second[2], own[2]) and not torch.equal(all_on[2], own[2])
+    session.switch(1, on=True)
+    with session.applied():
+        assert all(torch.equal(a, b) for a, b in zip(all_on, weights()))
+    session.switch(0, on=False)
+    session.switch(2, on=False)
+    session.undo(1)  # positions after the removed edit move up: the third, switched off, stays off
+    assert [(s["request"]["subject"], s["on"]) for s in session.active()] == [("The Eiffel Tower", False), ("Marie Curie", False)]
+    assert all(torch.equal(a, b) for a, b in zip(own, weights()))
+    with pytest.raises(InputError, match="no edit number 5"):
+        session.switch(5, on=False)
