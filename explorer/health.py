@@ -48,8 +48,9 @@ class Health:
     warnings: tuple[str, ...] = field(default=())
 
     @property
-    def probe_retained(self) -> float:
-        return self.probes_right / self.probes_total if self.probes_total else float("nan")
+    def probe_retained(self) -> float | None:
+        """The share of probe facts still right (None without probe facts: a model that knows none of them)."""
+        return self.probes_right / self.probes_total if self.probes_total else None
 
     def to_json(self) -> dict:
         return {"probe_retained": self.probe_retained, "probes_right": self.probes_right, "probes_total": self.probes_total,

@@ -18,7 +18,7 @@ import base64
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -342,6 +342,31 @@ def _stored_second_moment(handle: LoadedModel, layer: int, spec: StatsSpec, prog
         if file_lock.is_locked:
             file_lock.release()
     return SecondMoment(matrix=loaded[0], layer=layer, spec=spec, count=loaded[1])
+
+
+def cache_second_moments(handle: LoadedModel, layers: Sequence[int], spec: StatsSpec, progress: Progress = no_progress) -> None:
+    """Compute, in one pass over the corpus, the C of each of ``layers`` that is not cached yet.
+
+    For work that edits at many layers (a layer sweep): one pass to the deepest layer costs about what
+    the pass for that layer alone costs, where layer-by-layer passes would read the corpus once each.
+    """
+    spec.validate()
+    if spec.corpus == "identity":
+        return
+    folder = stats_folder(handle, spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock", timeout=-1):
+        missing = [layer for layer in layers
+                   if _load_layer(folder, layer, handle.arch.mlp_out_weight(layer).shape[1]) is None]
+        if not missing:
+            return
+        rows = corpus_rows(handle, spec, progress)
+        width = handle.arch.mlp_out_weight(missing[0]).shape[1]
+        per_pass = max(1, ALL_LAYERS_BUDGET_BYTES // (width * width * 8))  # float64 accumulators that fit
+        for begin in range(0, len(missing), per_pass):
+            moments, count = accumulate_second_moments(handle, rows, sorted(missing)[begin : begin + per_pass], progress)
+            for layer, matrix in moments.items():
+                _save_layer(folder, layer, matrix, count)
 
 
 def _load_layer(folder: Path, layer: int, width: int | None = None) -> tuple[torch.Tensor, int] | None:

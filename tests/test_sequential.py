@@ -127,3 +127,27 @@ def test_bad_settings_are_clear_errors_before_any_edit(settings, message):
         sequential_run(handle, CASES, "counterfact", settings)
     with pytest.raises(InputError, match="no cases"):
         sequential_run(handle, [], "counterfact")
+
+
+def test_sequential_command_writes_its_json_and_refuses_bad_input(tmp_path):
+    from conftest import run_cli, save_tiny
+
+    folder = save_tiny(tmp_path / "gpt2", "gpt2")
+    records = [{"case_id": i, "requested_rewrite": {"prompt": prompt, "subject": subject, "target_new": {"str": new.strip()},
+                                                    "target_true": {"str": true.strip()}},
+                "paraphrase_prompts": [f"Text. {prompt.format(subject)}"], "neighborhood_prompts": [prompt.format("The Louvre")]}
+               for i, (prompt, subject, new, true) in enumerate(REQUESTS[:3])]
+    (tmp_path / "cases.json").write_text(json.dumps(records))
+    out = run_cli("sequential", str(tmp_path / "cases.json"), "--every", "2", "--layer", "1", "--stats-corpus", "identity",
+                  "--steps", "2", "--model", str(folder), "--json", str(tmp_path / "run.json"), one_thread=True)
+    assert out.returncode == 0, out.stderr
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert set(run) == {"cases", "method", "layer", "every", "probes", "checkpoints", "edits"}
+    assert run["cases"] == 3 and [point["edits"] for point in run["checkpoints"]] == [0, 2, 3]
+    assert set(run["checkpoints"][-1]) == {"edits", "ES", "PS", "NS", "probe_retained", "fluency", "relative_norm", "seconds",
+                                           "warnings"}
+    assert "after 3 edits: ES" in out.stderr
+    bad = run_cli("sequential", str(tmp_path / "cases.json"), "--every", "0", "--model", str(folder), one_thread=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --every must be 1 or more, got 0"
+    missing = run_cli("sequential", str(tmp_path / "none.json"), "--model", str(folder), one_thread=True)
+    assert missing.returncode == 2 and "none.json" in missing.stderr.strip().splitlines()[-1]

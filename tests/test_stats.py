@@ -200,3 +200,18 @@ def test_an_edit_is_the_same_whether_its_statistics_were_just_computed_or_read_f
     cold = compute_edit(build_tiny("gpt2"), request, options)  # computes C and writes it
     warm = compute_edit(build_tiny("gpt2"), request, options)  # a fresh load of the same model: C read from disk
     assert np.array_equal(cold.left, warm.left) and np.array_equal(cold.right, warm.right)
+
+
+def test_statistics_of_many_layers_in_one_pass_equal_those_made_one_layer_at_a_time(cache, tmp_path, monkeypatch):
+    handle = build_tiny("llama")
+    spec = StatsSpec(corpus="wikipedia", tokens=2000)
+    stats.cache_second_moments(handle, [0, 2, 3], spec)
+    folder = stats.stats_folder(handle, spec)
+    assert sorted(p.name for p in folder.iterdir()) == ["layer_0.pt", "layer_2.pt", "layer_3.pt"]
+    together = {layer: second_moment(handle, layer, spec) for layer in (0, 2, 3)}
+    monkeypatch.setenv("ROME_EXPLORER_CACHE", str(tmp_path / "other-cache"))
+    alone = build_tiny("llama")
+    for layer in (0, 2, 3):
+        expected = second_moment(alone, layer, spec)
+        assert together[layer].count == expected.count and torch.equal(together[layer].matrix, expected.matrix), layer
+    stats.cache_second_moments(handle, [0, 2], spec, lambda *_: (_ for _ in ()).throw(AssertionError("computed again")))

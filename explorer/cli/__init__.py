@@ -1,4 +1,4 @@
-"""Command line: ``python -m explorer trace|inspect|average|severed|known|edit|evaluate ...`` (the same engines as the app).
+"""Command line: ``python -m explorer trace|inspect|average|severed|known|edit|evaluate|sequential|sweep ...`` (the same engines as the app).
 
 * ``arguments``: the parser, one function per command, and reading arguments into the engines' options.
 * ``commands``: what each command runs and prints.
@@ -20,6 +20,8 @@ COMMANDS = {
     "known": commands.run_known,
     "edit": commands.run_edit,
     "evaluate": commands.run_evaluate,
+    "sequential": commands.run_sequential,
+    "sweep": commands.run_sweep,
 }
 
 

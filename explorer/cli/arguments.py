@@ -39,14 +39,15 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_out", help="write the result as JSON here")
 
 
-def add_edit_options(parser: argparse.ArgumentParser) -> None:
+def add_edit_options(parser: argparse.ArgumentParser, layer: bool = True) -> None:
     from ..editing import EditOptions  # the defaults are the dataclass's: one source for the CLI, app and API
     from ..stats import CORPORA, StatsSpec
 
     defaults = EditOptions()
     parser.add_argument("--method", default=defaults.method,
                         help=f"rome, rome-original, ft (or none, for evaluate); default {defaults.method}")
-    parser.add_argument("--layer", type=int, help="layer to edit (default: the model's peak MLP-effect layer)")
+    if layer:
+        parser.add_argument("--layer", type=int, help="layer to edit (default: the model's peak MLP-effect layer)")
 
     parser.add_argument("--stats-corpus", default=StatsSpec.corpus,
                         help=f"key statistics from: {', '.join(CORPORA)} (default {StatsSpec.corpus}: offline Wikipedia text)")
@@ -141,6 +142,42 @@ def _add_evaluate_command(commands) -> None:
     add_model_options(evaluate)
 
 
+def _add_sequential_command(commands) -> None:
+    sequential = commands.add_parser("sequential", help="edit a data set's cases one after another on one model, "
+                                                        "measuring retention, probe facts and fluency at checkpoints")
+    sequential.add_argument("dataset", help="data set JSON, any format evaluate reads")
+    sequential.add_argument("--limit", type=int, help="edit the first N cases")
+    sequential.add_argument("--every", type=int, default=10, help="a checkpoint every K edits, and after the last (default 10)")
+    from ..health import PROBE_FACTS
+
+    sequential.add_argument("--probes", type=int, default=PROBE_FACTS,
+                            help=f"probe facts: the first N of the bundled fact set the unedited model knows (default {PROBE_FACTS})")
+    add_edit_options(sequential)
+    sequential.add_argument("--json", dest="json_out", help="write the run here (checkpoints and per-edit records)")
+    add_model_options(sequential)
+
+
+def _add_sweep_command(commands) -> None:
+    sweep = commands.add_parser("sweep", help="the same edit at every layer, beside the trace's MLP effect at the last subject token")
+    sweep.add_argument("--prompt", help="template with {} for the subject (or give --case)")
+    sweep.add_argument("--subject", help="the subject")
+    sweep.add_argument("--target", dest="target_new", help="the new object, e.g. ' Rome'")
+    sweep.add_argument("--target-true", dest="target_true", help="the current object (default: the model's top-1 token)")
+    sweep.add_argument("--case", help="a case id of the bundled CounterFact sample: its request, paraphrases and neighbours")
+    sweep.add_argument("--layers", help="layers to edit, e.g. 0-17 or 2,4,6 (default: every layer)")
+    sweep.add_argument("--paraphrase", nargs="+", action="extend", default=[], metavar="PROMPT",
+                       help="paraphrases to score; " + REPEATABLE.format(name="paraphrase"))
+    sweep.add_argument("--neighborhood", nargs="+", action="extend", default=[], metavar="PROMPT",
+                       help="prompts whose answer must stay target_true; " + REPEATABLE.format(name="neighborhood"))
+    from ..tracing import TraceOptions
+
+    sweep.add_argument("--samples", type=int, default=TraceOptions.samples,
+                       help=f"corrupted runs for the MLP trace (default {TraceOptions.samples})")
+    add_edit_options(sweep, layer=False)
+    sweep.add_argument("--json", dest="json_out", help="write the sweep here")
+    add_model_options(sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="python -m explorer", description="Locate and edit factual associations (ROME).")
@@ -152,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_known_command(commands)
     _add_edit_command(commands)
     _add_evaluate_command(commands)
+    _add_sequential_command(commands)
+    _add_sweep_command(commands)
     return parser
 
 
@@ -179,6 +218,6 @@ def edit_options(args: argparse.Namespace):
     stats.validate()
     method = "rome" if args.method == "none" else args.method
     return EditOptions(
-        method=method, layer=args.layer, stats=stats, shrinkage=args.shrinkage, steps=args.steps,
+        method=method, layer=getattr(args, "layer", None), stats=stats, shrinkage=args.shrinkage, steps=args.steps,
         clamp_factor=args.clamp_factor, loss_stop=args.loss_stop,
     )

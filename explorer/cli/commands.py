@@ -204,3 +204,84 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if partial is not None and partial.exists():
         partial.unlink()  # the run finished: the JSON has every case
     return 0
+
+
+def run_sequential(args: argparse.Namespace) -> int:
+    """The ``sequential`` command: a data set's edits one after another, checkpoints on stderr, JSON to --json."""
+    from ..evaluate import read_dataset
+    from ..sequential import SequentialSettings, sequential_run
+
+    kind, cases = read_dataset(args.dataset, args.limit)
+    settings = SequentialSettings(method=args.method, every=args.every, edit=edit_options(args), probes=args.probes)
+    settings.validate(len(cases))
+    handle = load(args)
+    bar = ProgressBar(f"sequential {args.method}")
+
+    def show(point: dict) -> None:
+        scores = ", ".join(f"{key} {point[key]:.1f}" for key in ("ES", "PS", "NS") if point[key] is not None)
+        bar.done()
+        retained = "no probe facts" if point["probe_retained"] is None else f"probe facts {100 * point['probe_retained']:.0f}% right"
+        print(f"after {point['edits']} edits: {scores or 'no edits yet'}; {retained}, fluency {point['fluency']:.2f}, |dW|/|W| {point['relative_norm']:.3g}, {point['seconds']:.0f} s", file=sys.stderr)
+        for warning in point["warnings"]:
+            print(f"  warning: {warning}", file=sys.stderr)
+
+    try:
+        result = sequential_run(handle, cases, kind, settings, progress=bar, on_checkpoint=show)
+    finally:
+        bar.done()
+    write_json(args.json_out, result)
+    return 0
+
+
+def sweep_request(args: argparse.Namespace):
+    """The sweep's request and probes: from ``--case`` (the bundled CounterFact sample) or the typed fields."""
+    from ..compare import Probes
+    from ..editing import make_request
+    from ..evaluate import read_dataset
+    from ..facts import ASSETS
+
+    if args.case is not None:
+        if args.prompt or args.subject or args.target_new:
+            raise InputError("give either --case or --prompt/--subject/--target, not both")
+        cases = {case.case_id: case for case in read_dataset(ASSETS / "counterfact_sample.json")[1]}
+        if args.case not in cases:
+            raise InputError(f"no case {args.case!r} in the bundled sample; its ids are {min(cases, key=int)} to {max(cases, key=int)}")
+        case = cases[args.case]
+        return case.request, Probes(case.paraphrases + tuple(args.paraphrase), case.neighborhood + tuple(args.neighborhood))
+    if not (args.prompt and args.subject and args.target_new):
+        raise InputError("give --prompt, --subject and --target (or --case ID of the bundled sample)")
+    request = make_request(args.prompt, args.subject, args.target_new, args.target_true)
+    return request, Probes(tuple(args.paraphrase), tuple(args.neighborhood))
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """The ``sweep`` command: one edit at each layer, each point on stderr as it comes, JSON to --json."""
+    from ..edits import EditSession
+    from ..sweep import parse_layers, sweep_layers
+    from ..tracing import TraceOptions, validate_options
+
+    request, probes = sweep_request(args)
+    options = edit_options(args)
+    trace_settings = TraceOptions(kinds=("mlp",), samples=args.samples)
+    validate_options(trace_settings)
+    handle = load(args)
+    layers = parse_layers(args.layers, handle.num_layers)
+    bar = ProgressBar("sweeping")
+
+    def show(point: dict) -> None:
+        bar.done()
+        if "mlp_effect" in point:
+            print("MLP effect at the last subject token: " + " ".join(f"{v:.3f}" for v in point["mlp_effect"]), file=sys.stderr)
+            return
+        print(f"layer {point['layer']}: P(new) {point['new_prob']:.4f}, P(true) {point['true_prob']:.4f}, ES {point['ES']:.0f}, "
+              f"PS {point['PS'] if point['PS'] is None else format(point['PS'], '.2f')}, "
+              f"NS {point['NS'] if point['NS'] is None else format(point['NS'], '.2f')}, |dW| {point['delta_norm']:.3g}, "
+              f"{point['seconds']:.1f} s", file=sys.stderr)
+
+    try:
+        result = sweep_layers(EditSession(handle), request, probes, layers, options, bar, show, trace_settings)
+    finally:
+        bar.done()
+    print(f"traced peak: layer {result['peak_layer']}; best edit: layer {result['best_layer']}", file=sys.stderr)
+    write_json(args.json_out, result)
+    return 0
