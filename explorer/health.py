@@ -95,6 +95,15 @@ def relative_change(handle: LoadedModel, edits: Sequence[Edit]) -> float:
     return (change / own) ** 0.5 if own else float("inf")
 
 
+def baseline_fluency(handle: LoadedModel) -> float:
+    """The fluency of the model's own weights (cached per model): what later measures are compared with."""
+    def measured() -> float:
+        with own_weights(handle):
+            return fluency(handle)
+
+    return derived(handle, ("baseline_fluency",), measured)
+
+
 def model_health(session: EditSession, probes: Sequence[Fact], baseline_fluency: float | None = None) -> Health:
     """The health of the session's model with its applied edits (call inside or outside ``applied()``)."""
     handle = session.handle

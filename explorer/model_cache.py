@@ -17,7 +17,7 @@ from .progress import Progress, no_progress
 
 T = TypeVar("T")
 # The kinds of own-weights values; a key is (kind, its parameters...).
-OwnValueKind = Literal["fingerprint", "embedding_std", "context_prefixes", "traced_peak_layer", "second_moment", "probe_facts"]
+OwnValueKind = Literal["fingerprint", "embedding_std", "context_prefixes", "traced_peak_layer", "second_moment", "probe_facts", "baseline_fluency"]
 WAIT_SECONDS = 0.5  # how often a thread waiting for another's computation reports progress (and may be cancelled)
 
 

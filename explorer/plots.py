@@ -231,3 +231,33 @@ def inspection_markdown(found) -> str:
         f"| the same, corrupted runs with the cell restored | {listed(found.lens_restored)} |\n"
         f"| the model's output, corrupted runs with the cell restored | {listed(found.output_restored)} |"
     )
+
+
+def sweep_figure(mlp_effect: list[float] | None, points: list[dict], num_layers: int) -> go.Figure:
+    """Per layer: the traced MLP effect at the last subject token (line, left axis) beside the edit's score
+    there (markers, right axis); layers not swept yet are simply absent."""
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    if mlp_effect is not None:
+        figure.add_trace(go.Scatter(x=list(range(len(mlp_effect))), y=mlp_effect, name="MLP effect (trace)",
+                                    line={"color": "#238b45"}), secondary_y=False)
+    figure.add_trace(go.Scatter(x=[p["layer"] for p in points], y=[p["score"] for p in points], mode="markers+lines",
+                                name="edit score (mean of EM, PM, NM)", marker={"color": "#6a51a3", "size": 9},
+                                line={"dash": "dot"}, customdata=[[p["ES"], p["new_prob"], p["delta_norm"]] for p in points],
+                                hovertemplate="layer %{x}<br>score %{y:.3f}<br>ES %{customdata[0]}<br>P(new) %{customdata[1]:.3f}"
+                                              "<br>|ΔW| %{customdata[2]:.3g}<extra></extra>"), secondary_y=True)
+    figure.update_xaxes(title_text="layer", range=[-0.5, num_layers - 0.5])
+    figure.update_yaxes(title_text="indirect effect", secondary_y=False)
+    figure.update_yaxes(title_text="edit score", secondary_y=True)
+    figure.update_layout(height=340, margin={"l": 10, "r": 10, "t": 30, "b": 40}, legend={"orientation": "h"})
+    return figure
+
+
+def health_markdown(health: dict) -> str:
+    """The model's health line after an edit: probe facts still right, fluency, how far the weights moved."""
+    retained = ("no probe facts (the model knows none of the bundled facts)" if health["probe_retained"] is None
+                else f"{health['probes_right']}/{health['probes_total']} probe facts still right")
+    line = (f"**Model health** with your applied edits: {retained} · fluency {health['fluency']:.2f} bits "
+            f"(unedited {health['baseline_fluency']:.2f}) · ‖ΔW‖/‖W‖ {health['relative_norm']:.3g}")
+    return line + "".join(f"\n\n**Warning:** {safe_label(w)}" for w in health["warnings"])

@@ -44,14 +44,15 @@ def _edit(workspace, layer=1):
 def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
     mine, other = ui.Workspace(), ui.Workspace()
-    rows, bars, html, metrics, edits, mine = _edit(mine)
+    rows, bars, html, metrics, edits, mine, health = _edit(mine)
     assert [r[0] for r in rows] == ["edit", "paraphrase", "neighbour"]
     assert rows[0][3] != rows[0][2]  # P(new) changed
     assert [bar.name for bar in bars.data] == ["P(new) before", "P(new) after", "P(true) before", "P(true) after"]
     assert list(bars.data[1].y) == [r[3] for r in rows]
     assert "original model" in html and "edited model" in html
     assert "| before |" in metrics and "ES" in metrics and "NS" in metrics
-    assert len(edits) == 1 and edits[0][1] == "The Eiffel Tower"
+    assert len(edits) == 1 and edits[0][1:3] == ["on", "The Eiffel Tower"]
+    assert "Model health" in health and "‖ΔW‖/‖W‖" in health
     assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight), "the shared model must stay unedited between requests"
     trace_args = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden", "mlp"], 2, 2, 3)
     edited = traced(*trace_args, mine, **QUIET)
@@ -355,3 +356,35 @@ def test_trace_streams_its_heatmaps_and_repeats_come_from_the_cache(tiny_app, mo
         list(ui.run_trace(*other_options, ui.Workspace(), **QUIET))
     ui.undo_edit("", workspace)
     assert traced_scores(list(ui.run_trace(*args, workspace, **QUIET))[-1]) == expected
+
+
+def test_an_edit_switched_off_is_kept_but_not_applied_and_health_follows(tiny_app):
+    workspace = ui.Workspace()
+    trace_args = ("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["mlp"], 2, 2, 3)
+    # Each result's download folder replaces the last one: its scores are read at once.
+    unedited = traced_scores(traced(*trace_args, workspace, **QUIET))
+    *_, health_on = _edit(workspace)
+    edited = traced_scores(traced(*trace_args, workspace, **QUIET))
+    rows, health_off, workspace = ui.toggle_edit("1", workspace)
+    assert rows[0][1] == "off" and len(rows) == 1
+    off = traced(*trace_args, workspace, **QUIET)
+    assert traced_scores(off) == unedited != edited and "edit(s) of yours" not in off[3]
+    assert health_off.endswith("‖ΔW‖/‖W‖ 0") and not health_on.split("\n")[0].endswith("‖ΔW‖/‖W‖ 0")
+    with pytest.raises(Exception, match="no active edits"):
+        ui.compare_traces("{} is located in the city of", "The Eiffel Tower", " Rome", ["mlp"], 2, 2, 3, workspace, **QUIET)
+    rows, _health, workspace = ui.toggle_edit("", workspace)  # empty: the last edit, switched on again
+    assert rows[0][1] == "on" and traced_scores(traced(*trace_args, workspace, **QUIET)) == edited
+    with pytest.raises(Exception, match="no edit number"):
+        ui.toggle_edit("3", workspace)
+
+
+def test_layer_sweep_streams_its_points_and_ends_with_every_layer(tiny_app):
+    from explorer.ui import sweep_handlers
+
+    updates = list(sweep_handlers.run_sweep("{} is located in the city of", "The Eiffel Tower", " Rome", "", "",
+                                            "The Louvre is located in the city of", "rome", "1-3", 2, ui.Workspace(), **QUIET))
+    figure, rows, summary = updates[-1]
+    assert [row[0] for row in rows] == [1, 2, 3] and "Traced MLP peak" in summary and "Best edit" in summary
+    assert len(figure.data[0].y) == tiny_app.num_layers and list(figure.data[1].x) == [1, 2, 3]
+    with pytest.raises(Exception, match="layer 9 does not exist"):
+        list(sweep_handlers.run_sweep("{} is in", "The Eiffel Tower", " Rome", "", "", "", "rome", "9", 2, ui.Workspace(), **QUIET))

@@ -11,6 +11,7 @@ from ..compare import GENERATION_TOKENS, Probes, compare, with_true_target
 from ..editing import compute_edit, make_request, prepare, validate_options
 from ..evaluate import read_dataset
 from ..generation import complete
+from ..health import baseline_fluency, model_health, probe_facts
 from ..progress import part_of
 from ..prompts import InputError
 from . import config
@@ -18,6 +19,7 @@ from .config import SAMPLE_CASES
 from .inputs import check_lengths, optional_int, prompt_lines
 from .jobs import JobReport, user_errors
 from .sessions import Workspace, active_rows
+
 
 @user_errors
 def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrases, neighborhood, generate,
@@ -52,7 +54,28 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
         plots.metrics_markdown(result["metrics"], result["warnings"]),
         active_rows(session),
         workspace,
+        session_health(session),
     )
+
+
+def session_health(session) -> str:
+    """The health line of the session's model with its applied edits (probe facts, fluency, ‖ΔW‖/‖W‖, warnings)."""
+    handle = session.handle
+    health = model_health(session, probe_facts(handle), baseline_fluency(handle)).to_json()
+    return plots.health_markdown({**health, "baseline_fluency": baseline_fluency(handle)})
+
+
+@user_errors
+def toggle_edit(number, workspace: Workspace):
+    """Switch one edit (by its number; the last when empty) off, or on again; the list and the model's health."""
+    session = workspace.session
+    chosen = optional_int(number, "edit number")
+    index = -1 if chosen is None else chosen - 1
+    if session.edits and -len(session.edits) <= index < len(session.edits):
+        session.switch(index, on=index % len(session.edits) in session.switched_off)
+    else:
+        session.switch(index, on=False)  # says which numbers exist
+    return active_rows(session), session_health(session), workspace
 
 
 def comparison_rows(request, probes: Probes, report: dict) -> list[list]:
@@ -65,6 +88,8 @@ def comparison_rows(request, probes: Probes, report: dict) -> list[list]:
             rows.append([role, text, before[key]["target_new_prob"][i], after[key]["target_new_prob"][i],
                          before[key]["target_true_prob"][i], after[key]["target_true_prob"][i]])
     return [[*row[:2], *(round(float(v), 6) for v in row[2:])] for row in rows]
+
+
 COMPARISON_HEADERS = ["role", "prompt", "P(new) before", "P(new) after", "P(true) before", "P(true) after"]
 
 

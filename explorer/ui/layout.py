@@ -15,8 +15,10 @@ from ..tracing import KINDS
 from . import config
 from .average_handlers import run_average, run_severed
 from .config import TRACE_DEFAULTS, TRACE_EXAMPLES
-from .edit_handlers import COMPARISON_HEADERS, complete_prompts, fill_from_case, reset_edits, run_edit, sample_case_labels, undo_edit
+from .edit_handlers import (COMPARISON_HEADERS, complete_prompts, fill_from_case, reset_edits, run_edit, sample_case_labels,
+                            toggle_edit, undo_edit)
 from .jobs import cancel_job
+from .sweep_handlers import SWEEP_HEADERS, run_sweep
 from .sessions import EDIT_LIST_HEADERS, Workspace, load_session_model, preparation_status, start_preparation, status_line
 from .trace_handlers import compare_traces, inspect_trace_cell, run_trace
 
@@ -109,6 +111,20 @@ class EditTab:
     free_prompts: gr.Textbox
     complete_button: gr.Button
     completions: gr.HTML
+    toggle_button: gr.Button
+    health: gr.Markdown
+    sweep: SweepPanel
+
+
+@dataclass
+class SweepPanel:
+    layers: gr.Textbox
+    samples: gr.Slider
+    button: gr.Button
+    cancel: gr.Button
+    summary: gr.Markdown
+    plot: gr.Plot
+    table: gr.Dataframe
 
 
 @dataclass
@@ -182,11 +198,15 @@ def edit_tab() -> EditTab:
     bars = gr.Plot(label="P(new) and P(true) before vs after", elem_id="edit-bars")
     table = gr.Dataframe(headers=COMPARISON_HEADERS, label="Before vs after", interactive=False)
     metrics = gr.Markdown(label="metrics", elem_id="edit-metrics")
-    edits = gr.Dataframe(headers=EDIT_LIST_HEADERS, label="Your active edits", interactive=False, elem_id="edit-list")
+    health = gr.Markdown(elem_id="edit-health")
+    edits = gr.Dataframe(headers=EDIT_LIST_HEADERS, label="Your edits (switched off: kept, not applied)", interactive=False,
+                         elem_id="edit-list")
     with gr.Row():
-        undo_number = gr.Textbox(label="Edit # to undo (empty: last)", value="", elem_id="undo-number")
+        undo_number = gr.Textbox(label="Edit # to undo or switch (empty: last)", value="", elem_id="undo-number")
         undo_button = gr.Button("Undo", elem_id="undo-button")
+        toggle_button = gr.Button("Switch off / on", elem_id="toggle-button")
         reset_button = gr.Button("Reset all", elem_id="reset-button")
+    sweep = sweep_panel()
     with gr.Accordion("Trace again: original vs edited", open=False):
         compare_kinds = gr.CheckboxGroup(list(KINDS), value=["mlp"], label="Kinds")
         compare_button = gr.Button("Trace original and edited")
@@ -204,7 +224,25 @@ def edit_tab() -> EditTab:
         completions = gr.HTML(label="completions")
     return EditTab(case, prompt, subject, target_new, target_true, layer, method, paraphrases, neighborhood, generate, button,
                    cancel, generations, bars, table, metrics, edits, undo_number, undo_button, reset_button, compare_kinds,
-                   compare_button, compare_caption, original_plots, edited_plots, free_prompts, complete_button, completions)
+                   compare_button, compare_caption, original_plots, edited_plots, free_prompts, complete_button, completions,
+                   toggle_button, health, sweep)
+
+
+def sweep_panel() -> SweepPanel:
+    """The layer sweep: the request above edited at each layer, beside the trace's MLP effect (Hase et al. 2023)."""
+    with gr.Accordion("Layer sweep: does the traced layer edit best?", open=False):
+        gr.Markdown("The request above, edited at each layer on the model's own weights (not on your edits) and scored "
+                    "on its paraphrases and neighbours, beside the traced MLP effect at the last subject token. Each "
+                    "layer's point appears as soon as it is computed.")
+        with gr.Row():
+            layers = gr.Textbox(label="Layers (e.g. 0-17 or 2,4,6; empty: all)", value="", elem_id="sweep-layers")
+            samples = gr.Slider(1, config.LIMITS.max_samples, value=TRACE_DEFAULTS.samples, step=1, label="Trace samples")
+            button = gr.Button("Sweep layers", variant="primary", elem_id="sweep-button")
+            cancel = gr.Button("Cancel", variant="stop", elem_id="sweep-cancel")
+        summary = gr.Markdown(elem_id="sweep-summary")
+        plot = gr.Plot(label="MLP effect vs edit score per layer", elem_id="sweep-plot")
+        table = gr.Dataframe(headers=SWEEP_HEADERS, label="Per layer", interactive=False, elem_id="sweep-table")
+    return SweepPanel(layers, samples, button, cancel, summary, plot, table)
 
 
 def average_tab() -> AverageTab:
@@ -248,16 +286,21 @@ def wire_edit(e: EditTab, t: TraceTab, workspace: gr.State) -> list:
     edit_event = e.button.click(
         run_edit,
         [e.prompt, e.subject, e.target_new, e.target_true, e.layer, e.method, e.paraphrases, e.neighborhood, e.generate, workspace],
-        [e.table, e.bars, e.generations, e.metrics, e.edits, workspace], api_name="edit",
+        [e.table, e.bars, e.generations, e.metrics, e.edits, workspace, e.health], api_name="edit",
     )
     e.undo_button.click(undo_edit, [e.undo_number, workspace], [e.edits, workspace], api_name="undo")
+    e.toggle_button.click(toggle_edit, [e.undo_number, workspace], [e.edits, e.health, workspace], api_name="toggle")
+    sweep_event = e.sweep.button.click(
+        run_sweep, [e.prompt, e.subject, e.target_new, e.target_true, e.paraphrases, e.neighborhood, e.method, e.sweep.layers,
+                    e.sweep.samples, workspace], [e.sweep.plot, e.sweep.table, e.sweep.summary], api_name="sweep",
+    )
     e.reset_button.click(reset_edits, [workspace], [e.edits, workspace], api_name="reset")
     compare_event = e.compare_button.click(
         compare_traces, [e.prompt, e.subject, e.target_new, e.compare_kinds, t.samples, t.window, t.noise, workspace],
         [*e.original_plots, *e.edited_plots, e.compare_caption], api_name="compare",
     )
     e.complete_button.click(complete_prompts, [e.free_prompts, workspace], [e.completions], api_name="complete")
-    return [edit_event, compare_event]
+    return [edit_event, compare_event, sweep_event]
 
 
 def wire_average(a: AverageTab, workspace: gr.State) -> list:
@@ -302,7 +345,9 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
             return preparation_status(str(model or "").strip() or model_name)
 
         gr.api(model_status_api, api_name="model_status", concurrency_limit=None)
-        for stop, note in ((trace.cancel, trace.caption), (edit.cancel, edit.metrics), (average.cancel, average.summary)):
+        cancels = ((trace.cancel, trace.caption), (edit.cancel, edit.metrics), (edit.sweep.cancel, edit.sweep.summary),
+                   (average.cancel, average.summary))
+        for stop, note in cancels:
             # Its own concurrency group, so a cancel is never queued behind the job it cancels. The page stops
             # listening to the cancelled job, so the cancel itself says so where that job's result would appear.
             stop.click(cancel_job, [workspace], [note], cancels=jobs, concurrency_limit=None, api_name=False)

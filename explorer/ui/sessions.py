@@ -75,13 +75,13 @@ class Workspace:
         if self._files is not None:
             shutil.rmtree(self._files, ignore_errors=True)
             self._files = None
-EDIT_LIST_HEADERS = ["#", "subject", "prompt", "target_new", "layer", "method", "|ΔW|"]
+EDIT_LIST_HEADERS = ["#", "applied", "subject", "prompt", "target_new", "layer", "method", "|ΔW|"]
 
 
 def active_rows(session: EditSession) -> list[list]:
-    """The session's active edits, oldest first."""
-    return [[i + 1, e["request"]["subject"], e["request"]["prompt"], e["request"]["target_new"], e["layer"], e["method"],
-             round(e["delta_norm"], 3)] for i, e in enumerate(session.active())]
+    """The session's edits, oldest first, each applied ("on") or kept but switched off ("off")."""
+    return [[i + 1, "on" if e["on"] else "off", e["request"]["subject"], e["request"]["prompt"], e["request"]["target_new"],
+             e["layer"], e["method"], round(e["delta_norm"], 3)] for i, e in enumerate(session.active())]
 
 
 def model_summary(handle: LoadedModel) -> str:

@@ -43,12 +43,13 @@ def write_downloads(result: TraceResult, folder: Path) -> list[str]:
 
 def trace_key(session: EditSession, prompt: str, subject: str | None, options: TraceOptions) -> tuple:
     """What a trace's result depends on: the model, the session's edits, the prompt, subject and options."""
-    return (model_fingerprint(session.handle), tuple(edit.digest for edit in session.edits), prompt, subject or None,
+    return (model_fingerprint(session.handle), tuple(edit.digest for edit in session.applied_edits()), prompt, subject or None,
             options, config.LIMITS.trace)
 
 
 def _trace_outputs(result: TraceResult, session: EditSession, workspace: Workspace) -> tuple:
-    caption = plots.caption(result) + (f" (on the model with {len(session.edits)} edit(s) of yours)" if session.edits else "")
+    applied = len(session.applied_edits())
+    caption = plots.caption(result) + (f" (on the model with {applied} edit(s) of yours)" if applied else "")
     layer = peak_mlp_layer(result)
     return (*_figures(result), caption, result.subject, write_downloads(result, workspace.files()),
             gr.update() if layer is None else str(layer), workspace)
@@ -122,7 +123,7 @@ def inspect_trace_cell(prompt, subject, kinds, samples, window, noise, cell, wor
 def compare_traces(prompt, subject, target_new, kinds, samples, window, noise, workspace: Workspace, progress=gr.Progress()):
     """The edit prompt traced on the original and on this session's edited model, with the same noise."""
     session = workspace.session
-    if not session.edits:
+    if not session.applied_edits():
         raise InputError("no active edits: make an edit first, then trace again to compare")
     options = trace_options(kinds, samples, window, noise)
     # Only the filled prompt is used: a placeholder stands in for an empty target field.

@@ -1,0 +1,75 @@
+"""The Edit tab's layer sweep: the request's edit at each layer, drawn beside the trace's MLP effect as it comes."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import gradio as gr
+
+from .. import plots
+from ..compare import Probes
+from ..edits import EditSession
+from ..editing import make_request
+from ..prompts import InputError
+from ..sweep import parse_layers, sweep_layers
+from ..tracing import TraceOptions
+from . import config
+from .inputs import check_lengths, prompt_lines, required_int
+from .jobs import JobReport, streamed, user_errors
+from .sessions import Workspace
+
+SWEEP_HEADERS = ["layer", "ES", "PS", "NS", "score", "P(new)", "P(true)", "|ΔW|", "seconds"]
+
+
+def sweep_rows(points: list[dict]) -> list[list]:
+    def shown(value, digits=3):
+        return None if value is None else round(float(value), digits)
+
+    return [[p["layer"], shown(p["ES"]), shown(p["PS"]), shown(p["NS"]), shown(p["score"], 4), shown(p["new_prob"], 4),
+             shown(p["true_prob"], 4), shown(p["delta_norm"]), shown(p["seconds"], 1)] for p in points]
+
+
+def sweep_summary(mlp_effect: list[float] | None, points: list[dict], done: bool) -> str:
+    if mlp_effect is None:
+        return "tracing the MLP effect at the last subject token…"
+    peak = max(range(len(mlp_effect)), key=mlp_effect.__getitem__)
+    line = f"Traced MLP peak: **layer {peak}**."
+    scored = [p for p in points if p["score"] is not None]
+    if scored:
+        best = max(scored, key=lambda p: p["score"])
+        line += f" Best edit so far: **layer {best['layer']}** (score {best['score']:.3f}, ES {best['ES']:.0f})."
+    return line + ("" if done else f" Editing… {len(points)} layer(s) done.")
+
+
+@user_errors
+def run_sweep(prompt, subject, target_new, target_true, paraphrases, neighborhood, method, layers, samples,
+              workspace: Workspace, progress=gr.Progress()):
+    """The same edit at each layer, on the model's own weights each time, beside the traced MLP effect."""
+    handle = workspace.session.handle
+    request = make_request(prompt, subject, target_new, target_true or None)
+    check_lengths(handle, (request.filled, request.target_new, request.target_true or ""), "edit prompt and targets")
+    probes = Probes(check_lengths(handle, prompt_lines(paraphrases, "paraphrases"), "paraphrases"),
+                    check_lengths(handle, prompt_lines(neighborhood, "neighbourhood prompts"), "neighbourhood prompts"))
+    chosen = parse_layers(layers, handle.num_layers)
+    count = required_int(samples, "samples")
+    if not 1 <= count <= config.LIMITS.max_samples:
+        raise InputError(f"samples must be between 1 and {config.LIMITS.max_samples}, got {count}")
+    options = replace(config.EDIT_OPTIONS, method=str(method))
+    report = JobReport(workspace, progress)
+
+    def work(emit) -> dict:
+        # An empty session: each layer's edit starts from the model's own weights, not from the user's edits.
+        return sweep_layers(EditSession(handle), request, probes, chosen, options, report, emit,
+                            TraceOptions(kinds=("mlp",), samples=count))
+
+    effect, points = None, []
+    for finished, value in streamed(work, config.STREAM_SECONDS, report.cancelled):
+        if finished:
+            effect, points = value["mlp_effect"], value["layers"]
+        else:
+            for item in value:
+                if "mlp_effect" in item:
+                    effect = item["mlp_effect"]
+                else:
+                    points.append(item)
+        yield (plots.sweep_figure(effect, points, handle.num_layers), sweep_rows(points),
+               sweep_summary(effect, points, finished))
