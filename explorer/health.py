@@ -4,7 +4,8 @@ The same measures serve the app's health line after each edit and the checkpoint
 (:mod:`explorer.sequential`):
 
 * **probe facts**: a fixed set of facts from the bundled fact set that the *unedited* model completes
-  correctly; the share it still completes correctly is what unrelated knowledge survived.
+  correctly; the share it still completes correctly is what unrelated knowledge survived. A probe fact
+  about a subject that an applied edit rewrites is not unrelated: it is left out of the count.
 * **fluency**: the paper's n-gram entropy of greedy completions of fixed prompts (low: the model repeats
   itself).
 * **relative change**: ‖W − W₀‖ / ‖W₀‖ over the edited layers' MLP output matrices together.
@@ -58,12 +59,20 @@ class Health:
                 "warnings": list(self.warnings)}
 
 
-def probe_facts(handle: LoadedModel, count: int = PROBE_FACTS, facts: Sequence[Fact] | None = None) -> tuple[Fact, ...]:
-    """The first ``count`` facts that the model's own weights complete correctly: of ``facts``, or of the
-    bundled fact set (then cached per model)."""
-    if facts is not None:
-        return _known(handle, facts, count)
+def probe_facts(handle: LoadedModel, count: int = PROBE_FACTS, facts: Sequence[Fact] | None = None,
+                excluded_subjects: Sequence[str] = ()) -> tuple[Fact, ...]:
+    """The first ``count`` facts that the model's own weights complete correctly, among ``facts`` (default: the
+    bundled fact set; then cached per model) about none of ``excluded_subjects``."""
+    if facts is not None or excluded_subjects:
+        pool = load_facts() if facts is None else facts
+        return _known(handle, [fact for fact in pool if not _about(fact, excluded_subjects)], count)
     return derived(handle, ("probe_facts", count), lambda: _known(handle, load_facts(), count))
+
+
+def _about(fact: Fact, subjects: Sequence[str]) -> bool:
+    """Whether ``fact`` is about one of ``subjects`` (its subject, or one of them named in its prompt)."""
+    return any(subject.strip().lower() == fact.subject.lower() or subject.strip().lower() in fact.prompt.lower()
+               for subject in subjects if subject.strip())
 
 
 def _known(handle: LoadedModel, facts: Sequence[Fact], count: int) -> tuple[Fact, ...]:
@@ -108,6 +117,7 @@ def model_health(session: EditSession, probes: Sequence[Fact], baseline_fluency:
     """The health of the session's model with its applied edits (call inside or outside ``applied()``)."""
     handle = session.handle
     edits = session.applied_edits()
+    probes = [fact for fact in probes if not _about(fact, [edit.request.subject for edit in edits])]
     new_first_tokens = {_first_token(handle, edit.request.target_new): edit.request.subject for edit in edits}
     with session.applied():
         tops = [top_prediction(handle, fact.prompt) for fact in probes]

@@ -77,7 +77,8 @@ def sequential_run(
     validate_options(handle, options)
     began = time.perf_counter()
     session = EditSession(handle)
-    probes = probe_facts(handle, settings.probes, probe_set)
+    # Facts about the subjects this run edits are not unrelated knowledge: the probe set leaves them out.
+    probes = probe_facts(handle, settings.probes, probe_set, [case.request.subject for case in cases])
     baseline = model_health(session, probes)
 
     def measure(done: int) -> dict:
