@@ -151,3 +151,17 @@ def test_sequential_command_writes_its_json_and_refuses_bad_input(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --every must be 1 or more, got 0"
     missing = run_cli("sequential", str(tmp_path / "none.json"), "--model", str(folder), one_thread=True)
     assert missing.returncode == 2 and "none.json" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_probe_facts_about_an_edited_subject_are_not_counted_as_unrelated():
+    from explorer.health import model_health, probe_facts
+
+    handle = build_tiny("llama")
+    probes = _known_probes(handle)
+    edited = probes[0]
+    assert edited not in probe_facts(handle, 6, probes, [edited.subject])
+    session = EditSession(handle)
+    assert model_health(session, probes).probes_total == len(probes)
+    session.add(compute_edit(handle, make_request(edited.template, edited.subject, " Rome"), FAST))
+    health = model_health(session, probes)
+    assert health.probes_total == len(probes) - 1 and health.relative_change > 0
