@@ -234,6 +234,12 @@ class EditSession:
         else:
             self.switched_off.add(position)
 
+    def toggle(self, index: int) -> bool:
+        """Switch edit ``index`` off if it is applied, on if it is not; whether it is applied now."""
+        position = self._position(index, "switch")
+        self.switch(position, on=position in self.switched_off)
+        return position not in self.switched_off
+
     def applied_edits(self) -> list[Edit]:
         """The edits :meth:`applied` applies: every one not switched off, oldest first."""
         return [edit for position, edit in enumerate(self.edits) if position not in self.switched_off]

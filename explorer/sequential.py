@@ -20,7 +20,7 @@ from .editing import EditOptions, compute_edit, validate_options
 from .edits import EditSession
 from .evaluate import Case, case_metrics, summarise
 from .facts import Fact
-from .health import PROBE_FACTS, model_health, probe_facts
+from .health import PROBE_FACTS, baseline_fluency, model_health, probe_facts
 from .models import LoadedModel
 from .progress import Progress, no_progress, part_of
 from .prompts import InputError
@@ -79,10 +79,10 @@ def sequential_run(
     session = EditSession(handle)
     # Facts about the subjects this run edits are not unrelated knowledge: the probe set leaves them out.
     probes = probe_facts(handle, settings.probes, probe_set, [case.request.subject for case in cases])
-    baseline = model_health(session, probes)
+    unedited_fluency = baseline_fluency(handle)
 
     def measure(done: int) -> dict:
-        health = model_health(session, probes, baseline.fluency)
+        health = model_health(session, probes, unedited_fluency)
         with session.applied():
             scores = checkpoint_scores(handle, cases[:done], kind)
         point = {"edits": done, **scores, "probe_retained": health.probe_retained, "fluency": health.fluency,

@@ -70,11 +70,7 @@ def toggle_edit(number, workspace: Workspace):
     """Switch one edit (by its number; the last when empty) off, or on again; the list and the model's health."""
     session = workspace.session
     chosen = optional_int(number, "edit number")
-    index = -1 if chosen is None else chosen - 1
-    if session.edits and -len(session.edits) <= index < len(session.edits):
-        session.switch(index, on=index % len(session.edits) in session.switched_off)
-    else:
-        session.switch(index, on=False)  # says which numbers exist
+    session.toggle(-1 if chosen is None else chosen - 1)
     return active_rows(session), session_health(session), workspace
 
 
