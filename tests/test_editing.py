@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, build_tiny
-from explorer import editing, hooks, stats
+from explorer import corpora, editing, hooks, stats
 from explorer.editing import (
     EditOptions,
     align,
@@ -139,7 +139,7 @@ def test_rank_one_update_maps_key_to_value_and_undo_is_exact(method):
         mapped = module(torch.from_numpy(edit.key).float().unsqueeze(0))[0]
         assert torch.allclose(mapped.double(), torch.from_numpy(edit.value), atol=1e-4)
     assert torch.equal(weight, original), "undo must restore the weights bit for bit"
-    assert edit.stats["corpus"] == "wikipedia" and 600 <= edit.stats["samples"] < 600 + stats.SEQUENCE_TOKENS
+    assert edit.stats["corpus"] == "wikipedia" and 600 <= edit.stats["samples"] < 600 + corpora.SEQUENCE_TOKENS
 
 
 def test_rome_update_solves_the_paper_equation():
@@ -379,7 +379,7 @@ def test_second_moments_from_text_are_cached_and_symmetric(tmp_path, monkeypatch
     moment = stats.second_moment(handle, 2, spec)
     matrix = moment.matrix
     assert torch.allclose(matrix, matrix.T) and float(torch.linalg.eigvalsh(matrix).min()) > -1e-6
-    assert 400 <= moment.count <= 400 + stats.SEQUENCE_TOKENS
+    assert 400 <= moment.count <= 400 + corpora.SEQUENCE_TOKENS
     # Check one entry against the keys themselves.
     rows = stats.corpus_rows(handle, spec, lambda f, m: None)
     keys = []

