@@ -69,9 +69,7 @@ def compare(session: EditSession, edit: Edit, probes: Probes) -> dict:
     request = edit.request
     with session.applied():
         before = snapshot(handle, request, probes)
-    trial = EditSession(handle)
-    trial.edits = [*session.applied_edits(), edit]
-    with trial.applied():
+    with session.with_edit(edit).applied():
         after = snapshot(handle, request, probes)
     return {
         "before": before,

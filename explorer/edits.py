@@ -240,6 +240,12 @@ class EditSession:
         self.switch(position, on=position in self.switched_off)
         return position not in self.switched_off
 
+    def with_edit(self, edit: Edit) -> EditSession:
+        """A session of the same model applying this one's applied edits and then ``edit`` (this one is unchanged)."""
+        trial = EditSession(self.handle)
+        trial.edits = [*self.applied_edits(), edit]
+        return trial
+
     def applied_edits(self) -> list[Edit]:
         """The edits :meth:`applied` applies: every one not switched off, oldest first."""
         return [edit for position, edit in enumerate(self.edits) if position not in self.switched_off]

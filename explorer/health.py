@@ -29,6 +29,7 @@ from .facts import Fact, load_facts
 from .generation import complete
 from .metrics import ngram_entropy
 from .models import LoadedModel, derived, own_weights
+from .scoring import target_ids
 
 PROBE_FACTS = 20  # facts the unedited model knows, checked after each edit
 FLUENCY_PROMPTS = ("My favourite city is", "The history of science is", "Yesterday I went to the")
@@ -118,7 +119,7 @@ def model_health(session: EditSession, probes: Sequence[Fact], baseline_fluency:
     handle = session.handle
     edits = session.applied_edits()
     probes = [fact for fact in probes if not _about(fact, [edit.request.subject for edit in edits])]
-    new_first_tokens = {_first_token(handle, edit.request.target_new): edit.request.subject for edit in edits}
+    new_first_tokens = {target_ids(handle, edit.request.target_new)[0] for edit in edits}
     with session.applied():
         tops = [top_prediction(handle, fact.prompt) for fact in probes]
         right = sum(answer_starts_with(handle, fact, top) for fact, top in zip(probes, tops))
@@ -134,7 +135,3 @@ def model_health(session: EditSession, probes: Sequence[Fact], baseline_fluency:
                         "the model repeats itself")
     return Health(right, len(probes), fluent, relative_change(handle, edits), leaked, tuple(warnings))
 
-
-def _first_token(handle: LoadedModel, target: str) -> int | None:
-    ids = handle.tokenizer(target, add_special_tokens=False)["input_ids"]
-    return ids[0] if ids else None

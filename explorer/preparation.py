@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from .editing import EditOptions, prepare
 from .models import LoadedModel, ModelLoadError
+from .health import baseline_fluency, probe_facts
 from .progress import part_of
 from .prompts import InputError
 
@@ -73,7 +74,11 @@ class Preparation:
         try:
             handle = load(progress=part_of(self._report, 0, 0.3, "loading the model: "))
             self._report(0.3, "loaded; preparing edits", loaded=True)
-            prepared = prepare(handle, options, part_of(self._report, 0.3, 1, "preparing edits: "))
+            prepared = prepare(handle, options, part_of(self._report, 0.3, 0.95, "preparing edits: "))
+            # What the health line after an edit compares with: measured now, not during the first edit.
+            self._report(0.95, "preparing edits: the model's probe facts and fluency")
+            probe_facts(handle)
+            baseline_fluency(handle)
         except (InputError, ModelLoadError) as error:  # a clear message already
             self._report(1.0, str(error), running=False, failed=True)
             return

@@ -59,9 +59,7 @@ def sweep_point(session: EditSession, request: EditRequest, probes: Probes, opti
     began = time.perf_counter()
     with session.applied():
         edit = compute_edit(handle, request, replace(options, layer=layer), progress=progress)
-    trial = EditSession(handle)
-    trial.edits = [*session.applied_edits(), edit]
-    with trial.applied():
+    with session.with_edit(edit).applied():
         after = snapshot(handle, request, replace(probes, generate=()))
     scores = edit_scores(after)
     return {"layer": layer, "new_prob": after["target_new_prob"], "true_prob": after["target_true_prob"],

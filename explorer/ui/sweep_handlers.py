@@ -9,11 +9,11 @@ from .. import plots
 from ..compare import Probes
 from ..edits import EditSession
 from ..editing import make_request
-from ..prompts import InputError
 from ..sweep import parse_layers, sweep_layers
 from ..tracing import TraceOptions
+from ..tracing import validate_options as validate_trace_options
 from . import config
-from .inputs import check_lengths, prompt_lines, required_int
+from .inputs import check_lengths, prompt_lines, trace_options
 from .jobs import JobReport, streamed, user_errors
 from .sessions import Workspace
 
@@ -50,16 +50,14 @@ def run_sweep(prompt, subject, target_new, target_true, paraphrases, neighborhoo
     probes = Probes(check_lengths(handle, prompt_lines(paraphrases, "paraphrases"), "paraphrases"),
                     check_lengths(handle, prompt_lines(neighborhood, "neighbourhood prompts"), "neighbourhood prompts"))
     chosen = parse_layers(layers, handle.num_layers)
-    count = required_int(samples, "samples")
-    if not 1 <= count <= config.LIMITS.max_samples:
-        raise InputError(f"samples must be between 1 and {config.LIMITS.max_samples}, got {count}")
+    trace_settings = trace_options(["mlp"], samples, TraceOptions.window, TraceOptions.noise)
+    validate_trace_options(trace_settings, config.LIMITS.trace)
     options = replace(config.EDIT_OPTIONS, method=str(method))
     report = JobReport(workspace, progress)
 
     def work(emit) -> dict:
         # An empty session: each layer's edit starts from the model's own weights, not from the user's edits.
-        return sweep_layers(EditSession(handle), request, probes, chosen, options, report, emit,
-                            TraceOptions(kinds=("mlp",), samples=count))
+        return sweep_layers(EditSession(handle), request, probes, chosen, options, report, emit, trace_settings)
 
     effect, points = None, []
     for finished, value in streamed(work, config.STREAM_SECONDS, report.cancelled):
