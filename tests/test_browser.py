@@ -212,3 +212,49 @@ def test_a_click_on_a_heatmap_cell_shows_what_is_inside_it(tiny_app, browser):
     kind, token, layer = cell.split(",")
     assert kind == "mlp" and int(token) == len(tick_labels(page)[1]) - 1 and 0 <= int(layer) < 4
     assert page.dialogs == []
+
+
+COLUMN = "([id, col]) => Array.from(document.querySelectorAll(`#${id} [role=gridcell][data-col='${col}']`)).map(c => c.innerText.trim())"
+
+
+def table_column(page, elem_id: str, column: int) -> list[str]:
+    """One column of a table (a Gradio Dataframe) on the page, top to bottom."""
+    return page.evaluate(COLUMN, [elem_id, column])
+
+
+def test_switching_an_edit_off_and_on_and_the_layer_sweep_in_the_browser(tiny_app, browser):
+    page = browser(tiny_app[0])
+    unedited = trace(page, PROMPT, SUBJECT)
+    edit(page, " Rome")
+    health = page.locator("#edit-health")
+    page.wait_for_function("() => document.querySelector('#edit-health').innerText.includes('Model health')",
+                           timeout=TIMEOUT_MS)
+    assert "fluency" in health.inner_text() and "‖ΔW‖/‖W‖" in health.inner_text()
+    page.get_by_role("tab", name="Trace").click()
+    edited = trace(page)
+    assert edited != unedited
+
+    # Switched off, the edit stays listed but the model traces as the unedited one; switched on, as the edited one.
+    page.get_by_role("tab", name="Edit").click()
+    assert table_column(page, "edit-list", 1) == ["on"]
+    for state, expected in (("off", unedited), ("on", edited)):
+        page.locator("#toggle-button").click()
+        page.wait_for_function(f"state => ({COLUMN})(['edit-list', 1]).join() === state", arg=state, timeout=TIMEOUT_MS)
+        assert edit_count(page) == 1 and "‖ΔW‖/‖W‖" in health.inner_text()
+        page.get_by_role("tab", name="Trace").click()
+        assert trace(page) == expected, state  # the maps shown before are the other state's: a redraw is seen
+        page.get_by_role("tab", name="Edit").click()
+
+    # The sweep, over two layers: one table row per layer, the plot, and a summary naming the traced peak.
+    page.get_by_text("Layer sweep: does the traced layer edit best?").click()
+    fill(page, "sweep-layers", "0-1")
+    page.locator("#sweep-button").click()
+    page.wait_for_function(f"() => ({COLUMN})(['sweep-table', 0]).length === 2 "
+                           "&& !document.querySelector('#sweep-summary').innerText.includes('Editing')",
+                           timeout=TIMEOUT_MS)
+    assert table_column(page, "sweep-table", 0) == ["0", "1"]
+    assert "Traced MLP peak" in page.locator("#sweep-summary").inner_text()
+    assert page.locator("#sweep-plot .js-plotly-plot").count() == 1
+    assert edit_count(page) == 1  # the sweep edits copies of the model's own weights, not the session's list
+    assert page.dialogs == []
+
