@@ -1,9 +1,10 @@
 """The app as a user meets it, on the embedded default model: `python app.py` to a served page, and a click on
 Trace to three heatmaps drawn (the paper's defaults), timed in headless Chromium.
 
-    python benchmarks/bench_app.py [--screenshots assets] [--skip-edit]
+    python benchmarks/bench_app.py [--screenshots assets] [--skip-edit] [--sweep]
 
 With --screenshots it also saves the trace panel and, after an edit (Eiffel Tower -> Rome), the edit panel.
+With --sweep it then times the layer sweep of the same request over all layers (sweep_panel.png).
 
 Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
@@ -15,13 +16,17 @@ import time
 from pathlib import Path
 
 from explorer.testing.app_server import launch_browser, running_app
-from explorer.testing.page import PROMPT, SUBJECT, edit, trace
+from explorer.testing.page import PROMPT, SUBJECT, TIMEOUT_MS, edit, trace
+
+SWEEP_DONE = ("() => document.querySelector('#sweep-summary').innerText.includes('Best edit') "
+              "&& !document.querySelector('#sweep-summary').innerText.includes('Editing')")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--screenshots", type=Path, help="folder for trace_panel.png and edit_panel.png")
     parser.add_argument("--skip-edit", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="after the edit, sweep its request over all layers")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -41,8 +46,20 @@ def main() -> None:
             began = time.perf_counter()
             edit(page, " Rome", layer="")
             print(f"click Edit -> side-by-side panel drawn: {time.perf_counter() - began:.1f} s (default layer, statistics cached)")
+            page.wait_for_function("() => document.querySelector('#edit-health').innerText.includes('Model health')",
+                                   timeout=TIMEOUT_MS)
+            print(f"click Edit -> health line drawn: {time.perf_counter() - began:.1f} s")
             if args.screenshots:
                 page.locator("#edit-panel").screenshot(path=str(args.screenshots / "edit_panel.png"))
+        if args.sweep and not args.skip_edit:
+            page.get_by_text("Layer sweep: does the traced layer edit best?").click()
+            began = time.perf_counter()
+            page.locator("#sweep-button").click()
+            page.wait_for_function(SWEEP_DONE, timeout=2 * TIMEOUT_MS)
+            print(f"click Sweep layers -> every layer's point drawn: {time.perf_counter() - began:.1f} s (trace 10 samples, all layers)")
+            if args.screenshots:
+                page.locator("#sweep-plot").scroll_into_view_if_needed()
+                page.locator("#sweep-plot").screenshot(path=str(args.screenshots / "sweep_panel.png"))
         context.close()
 
 
