@@ -16,10 +16,7 @@ import time
 from pathlib import Path
 
 from explorer.testing.app_server import launch_browser, running_app
-from explorer.testing.page import PROMPT, SUBJECT, TIMEOUT_MS, edit, trace
-
-SWEEP_DONE = ("() => document.querySelector('#sweep-summary').innerText.includes('Best edit') "
-              "&& !document.querySelector('#sweep-summary').innerText.includes('Editing')")
+from explorer.testing.page import PROMPT, SUBJECT, edit, sweep, trace, wait_for_health
 
 
 def main() -> None:
@@ -46,16 +43,13 @@ def main() -> None:
             began = time.perf_counter()
             edit(page, " Rome", layer="")
             print(f"click Edit -> side-by-side panel drawn: {time.perf_counter() - began:.1f} s (default layer, statistics cached)")
-            page.wait_for_function("() => document.querySelector('#edit-health').innerText.includes('Model health')",
-                                   timeout=TIMEOUT_MS)
+            wait_for_health(page)
             print(f"click Edit -> health line drawn: {time.perf_counter() - began:.1f} s")
             if args.screenshots:
                 page.locator("#edit-panel").screenshot(path=str(args.screenshots / "edit_panel.png"))
         if args.sweep and not args.skip_edit:
-            page.get_by_text("Layer sweep: does the traced layer edit best?").click()
             began = time.perf_counter()
-            page.locator("#sweep-button").click()
-            page.wait_for_function(SWEEP_DONE, timeout=2 * TIMEOUT_MS)
+            sweep(page)
             print(f"click Sweep layers -> every layer's point drawn: {time.perf_counter() - began:.1f} s (trace 10 samples, all layers)")
             if args.screenshots:
                 page.locator("#sweep-plot").scroll_into_view_if_needed()

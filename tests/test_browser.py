@@ -8,7 +8,8 @@ import pytest
 from tests.app_server import CHROMIUM, launch_browser, running_app
 from tests.app_server import tiny_app as serving_tiny
 from explorer.testing.page import (
-    EDIT_COUNT, PROMPT, SUBJECT, TIMEOUT_MS, caption, edit, edit_count, fill, set_samples, tick_labels, trace, wait_until_idle,
+    EDIT_COUNT, PROMPT, SUBJECT, TIMEOUT_MS, caption, edit, edit_count, fill, set_samples, sweep, tick_labels, trace,
+    wait_for_health, wait_until_idle,
 )
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
@@ -227,9 +228,7 @@ def test_switching_an_edit_off_and_on_and_the_layer_sweep_in_the_browser(tiny_ap
     unedited = trace(page, PROMPT, SUBJECT)
     edit(page, " Rome")
     health = page.locator("#edit-health")
-    page.wait_for_function("() => document.querySelector('#edit-health').innerText.includes('Model health')",
-                           timeout=TIMEOUT_MS)
-    assert "fluency" in health.inner_text() and "‖ΔW‖/‖W‖" in health.inner_text()
+    assert "fluency" in wait_for_health(page) and "‖ΔW‖/‖W‖" in health.inner_text()
     page.get_by_role("tab", name="Trace").click()
     edited = trace(page)
     assert edited != unedited
@@ -246,12 +245,7 @@ def test_switching_an_edit_off_and_on_and_the_layer_sweep_in_the_browser(tiny_ap
         page.get_by_role("tab", name="Edit").click()
 
     # The sweep, over two layers: one table row per layer, the plot, and a summary naming the traced peak.
-    page.get_by_text("Layer sweep: does the traced layer edit best?").click()
-    fill(page, "sweep-layers", "0-1")
-    page.locator("#sweep-button").click()
-    page.wait_for_function(f"() => ({COLUMN})(['sweep-table', 0]).length === 2 "
-                           "&& !document.querySelector('#sweep-summary').innerText.includes('Editing')",
-                           timeout=TIMEOUT_MS)
+    sweep(page, "0-1")
     assert table_column(page, "sweep-table", 0) == ["0", "1"]
     assert "Traced MLP peak" in page.locator("#sweep-summary").inner_text()
     assert page.locator("#sweep-plot .js-plotly-plot").count() == 1

@@ -73,3 +73,27 @@ def edit(page, target_new: str, layer: str = "1") -> None:
     page.locator("#edit-button").click()
     page.wait_for_function(f"{EDIT_COUNT} > {before} && document.querySelector('#edit-generations table.side-by-side') !== null",
                            timeout=TIMEOUT_MS)
+
+
+HEALTH_DRAWN = "() => document.querySelector('#edit-health').innerText.includes('Model health')"
+
+
+def wait_for_health(page, timeout_ms: int = TIMEOUT_MS) -> str:
+    """Until the health line after an edit or a switch is drawn; its text."""
+    page.wait_for_function(HEALTH_DRAWN, timeout=timeout_ms)
+    return page.locator("#edit-health").inner_text()
+
+
+# The summary names the best layer once a point is scored, and says "Editing…" until the last one is in.
+SWEEP_DONE = ("() => document.querySelector('#sweep-summary').innerText.includes('Best edit') "
+              "&& !document.querySelector('#sweep-summary').innerText.includes('Editing')")
+
+
+def sweep(page, layers: str = "", timeout_ms: int = 2 * TIMEOUT_MS) -> None:
+    """Run the Edit tab's layer sweep of the request in its fields (empty layers: all) until every point is in."""
+    page.get_by_role("tab", name="Edit").click()
+    if not page.locator("#sweep-button").is_visible():
+        page.get_by_text("Layer sweep: does the traced layer edit best?").click()
+    fill(page, "sweep-layers", layers)
+    page.locator("#sweep-button").click()
+    page.wait_for_function(SWEEP_DONE, timeout=timeout_ms)
