@@ -4,7 +4,7 @@ Trace to three heatmaps drawn (the paper's defaults), timed in headless Chromium
     python benchmarks/bench_app.py [--screenshots assets] [--skip-edit] [--sweep]
 
 With --screenshots it also saves the trace panel and, after an edit (Eiffel Tower -> Rome), the edit panel.
-With --sweep it then times the layer sweep of the same request over all layers (sweep_panel.png).
+With --sweep it then times the layer sweep of the Edit tab's request over all layers (sweep_panel.png).
 
 Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
@@ -47,7 +47,7 @@ def main() -> None:
             print(f"click Edit -> health line drawn: {time.perf_counter() - began:.1f} s")
             if args.screenshots:
                 page.locator("#edit-panel").screenshot(path=str(args.screenshots / "edit_panel.png"))
-        if args.sweep and not args.skip_edit:
+        if args.sweep:
             began = time.perf_counter()
             sweep(page)
             print(f"click Sweep layers -> every layer's point drawn: {time.perf_counter() - began:.1f} s (trace 10 samples, all layers)")

@@ -61,8 +61,9 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
 def session_health(session) -> str:
     """The health line of the session's model with its applied edits (probe facts, fluency, ‖ΔW‖/‖W‖, warnings)."""
     handle = session.handle
-    health = model_health(session, probe_facts(handle), baseline_fluency(handle)).to_json()
-    return plots.health_markdown({**health, "baseline_fluency": baseline_fluency(handle)})
+    unedited = baseline_fluency(handle)
+    health = model_health(session, probe_facts(handle), unedited).to_json()
+    return plots.health_markdown({**health, "baseline_fluency": unedited})
 
 
 @user_errors
