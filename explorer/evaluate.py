@@ -17,11 +17,11 @@ import numpy as np
 
 from .editing import EditOptions, compute_edit, make_request
 from .edits import EditRequest, EditSession
-from .generation import Sampling, complete
-from .metrics import harmonic_mean, mean_ci95, ngram_entropy, rewrite_scores
+from .generation import Sampling, complete, continuation_ids
+from .metrics import begins_with, harmonic_mean, mean_ci95, ngram_entropy, rewrite_scores, rome_generation_text, rome_ngram_entropy
 from .models import LoadedModel
 from .prompts import InputError
-from .scoring import score_targets
+from .scoring import score_targets, target_ids
 from .progress import Progress, no_progress, part_of
 
 FORMATS = {
@@ -29,11 +29,18 @@ FORMATS = {
     "counterfact-easyedit": "CounterFact in EasyEdit/MEND's format (prompt, subject, target_new, ground_truth, rephrase_prompt, locality_prompt, ...)",
     "zsre": "zsRE in ROME's format (subject, src, pred, rephrase, alt, answers, loc, loc_ans)",
 }
-COUNTERFACT_METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "fluency")
+COUNTERFACT_METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "fluency", "GE",
+                       "decoded_efficacy", "decoded_paraphrase", "decoded_neighborhood")
 ZSRE_METRICS = ("efficacy", "paraphrase", "specificity")
+# zsRE conventions: ROME's code edits towards answers[0] and asks the neighbour as loc + "?"; EasyEdit's
+# towards alt, asking loc as written.
+ZSRE_TARGETS = ("answers", "alt")
 FLUENCY_TOKENS = 100  # fluency: entropy of 100-token samples (top-k 5), as in the paper
+GE_TOTAL_TOKENS = 100  # GE: ROME's generate_fast(max_out_len=100) counts the prompt's tokens in the 100
 GENERATION_TOP_K = 5
+DECODED_TOKENS = 8  # greedy tokens after each prompt for decoded success (more when a target is longer)
 BOOTSTRAP_SAMPLES = 1000
+PERCENT_METRICS_SCALE = {"fluency": 1.0}  # bits, as measured; every other metric in percent (GE: the paper's ×100)
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,8 @@ def _as_list(value: object) -> tuple[str, ...]:
     return tuple(str(v) for v in value)
 
 
-def parse_case(record: dict, kind: str, index: int) -> Case:
-    """A :class:`Case` from one record of format ``kind``."""
+def parse_case(record: dict, kind: str, index: int, zsre_target: str = ZSRE_TARGETS[0]) -> Case:
+    """A :class:`Case` from one record of format ``kind`` (zsRE read in the ``zsre_target`` convention)."""
     try:
         if kind == "counterfact":
             rewrite = record["requested_rewrite"]
@@ -98,12 +105,19 @@ def parse_case(record: dict, kind: str, index: int) -> Case:
                 neighborhood=_as_list(record.get("locality_prompt")),
             )
         answer = record["answers"][0] if record.get("answers") else record.get("pred")
-        request = make_request(record["src"], record["subject"], _space(record["alt"]), _space(answer) if answer else None)
+        if zsre_target == "answers":
+            if not answer:
+                raise KeyError("answers")
+            request = make_request(record["src"], record["subject"], _space(answer))
+            neighbours = tuple(question + "?" for question in _as_list(record.get("loc")))
+        else:
+            request = make_request(record["src"], record["subject"], _space(record["alt"]), _space(answer) if answer else None)
+            neighbours = _as_list(record.get("loc"))
         return Case(
             case_id=str(record.get("case_id", index)),
             request=request,
             paraphrases=_as_list(record.get("rephrase")),
-            neighborhood=_as_list(record.get("loc")),
+            neighborhood=neighbours,
             neighborhood_answer=_space(record["loc_ans"]),
         )
     except (KeyError, TypeError, IndexError) as error:
@@ -112,8 +126,10 @@ def parse_case(record: dict, kind: str, index: int) -> Case:
         raise InputError(f"record {index}: {error}") from None
 
 
-def read_dataset(path: str | Path, limit: int | None = None) -> tuple[str, list[Case]]:
-    """The format name and the cases of a data set file (the first ``limit`` cases)."""
+def read_dataset(path: str | Path, limit: int | None = None, zsre_target: str = ZSRE_TARGETS[0]) -> tuple[str, list[Case]]:
+    """The format name and the cases of a data set file (the first ``limit`` cases; zsRE in ``zsre_target``'s convention)."""
+    if zsre_target not in ZSRE_TARGETS:
+        raise InputError(f"unknown zsRE convention {zsre_target!r}: use one of {', '.join(ZSRE_TARGETS)}")
     path = Path(path)
     if not path.exists():
         raise InputError(f"data set {path} does not exist")
@@ -127,14 +143,14 @@ def read_dataset(path: str | Path, limit: int | None = None) -> tuple[str, list[
         raise InputError("--limit must be at least 1")
     kind = detect_format(records[0])
     records = records[:limit] if limit else records
-    return kind, [parse_case(record, kind, index) for index, record in enumerate(records)]
+    return kind, [parse_case(record, kind, index, zsre_target) for index, record in enumerate(records)]
 
 
 # ---------------------------------------------------------------- per-case metrics
 
 
-def counterfact_metrics(handle: LoadedModel, case: Case, generation: bool, seed: int) -> dict:
-    """ES, EM, PS, PM, NS, NM (and fluency) of the model as it is now, for one case."""
+def counterfact_metrics(handle: LoadedModel, case: Case, generation: bool, seed: int, decoded: bool = False) -> dict:
+    """ES, EM, PS, PM, NS, NM (fluency and GE; decoded success) of the model as it is now, for one case."""
     request = case.request
     groups = {"rewrite": [request.filled], "paraphrase": list(case.paraphrases), "neighborhood": list(case.neighborhood)}
     pairs = [(p, t) for prompts in groups.values() for p in prompts for t in (request.target_new, request.target_true)]
@@ -143,12 +159,49 @@ def counterfact_metrics(handle: LoadedModel, case: Case, generation: bool, seed:
     for name, prompts in groups.items():
         probs[name] = [(np.exp(-next(scores).mean_nll), np.exp(-next(scores).mean_nll)) for _ in prompts]
     out: dict[str, float | None] = rewrite_scores(probs["rewrite"], probs["paraphrase"], probs["neighborhood"])
-    out["fluency"] = None
-    if generation and case.generation:
-        # The paper's protocol samples from the whole vocabulary; stored results were measured that way.
-        texts = complete(handle, case.generation, FLUENCY_TOKENS, Sampling(top_k=GENERATION_TOP_K, seed=seed), markup=True)
-        out["fluency"] = float(np.mean([ngram_entropy(text) for text in texts]))
+    out.update(generation_metrics(handle, case, seed) if generation else {"fluency": None, "GE": None})
+    out.update(decoded_metrics(handle, case) if decoded else dict.fromkeys(DECODED_METRICS))
     out["target_new_prob"], out["target_true_prob"] = (float(v) for v in probs["rewrite"][0])
+    return out
+
+
+def generation_prompts(case: Case) -> tuple[str, ...]:
+    """The prompts fluency and GE sample from: the record's generation prompts (CounterFact in ROME's
+    format has ten), else its own prompts (edit prompt, paraphrases, neighbours) where it has none."""
+    return case.generation or (case.request.filled, *case.paraphrases, *case.neighborhood)
+
+
+def generation_metrics(handle: LoadedModel, case: Case, seed: int) -> dict:
+    """``fluency`` (this project's: bits over the 100-token continuation, lowercased words) and ``GE`` (the
+    paper's: ROME's entropy of prompt and continuation, 100 tokens in all), from the same samples."""
+    prompts = generation_prompts(case)
+    # The paper's protocol samples from the whole vocabulary (top-k 5); stored results were measured that way.
+    samples = continuation_ids(handle, prompts, FLUENCY_TOKENS, Sampling(top_k=GENERATION_TOP_K, seed=seed), markup=True)
+    decode = handle.tokenizer.decode
+    fluency = [ngram_entropy(decode(tail, skip_special_tokens=True)) for _row, tail in samples]
+    ge = [rome_ngram_entropy(rome_generation_text(decode(row + tail[: max(0, GE_TOTAL_TOKENS - len(row))], skip_special_tokens=True)))
+          for row, tail in samples]
+    return {"fluency": float(np.mean(fluency)), "GE": float(np.mean(ge))}
+
+
+DECODED_METRICS = ("decoded_efficacy", "decoded_paraphrase", "decoded_neighborhood")
+
+
+def decoded_metrics(handle: LoadedModel, case: Case) -> dict:
+    """What the model *says*: shares of greedy continuations that begin with target_new (edit prompt,
+    paraphrases) or with target_true (neighbours); None where a group has no prompts (or no true target)."""
+    request = case.request
+    targets = [request.target_new] + ([request.target_true] if request.target_true else [])
+    tokens = max([DECODED_TOKENS] + [len(target_ids(handle, target)) + 1 for target in targets])
+    groups = {"decoded_efficacy": ([request.filled], request.target_new),
+              "decoded_paraphrase": (list(case.paraphrases), request.target_new),
+              "decoded_neighborhood": (list(case.neighborhood) if request.target_true else [], request.target_true)}
+    prompts = [prompt for group, _target in groups.values() for prompt in group]
+    texts = iter(complete(handle, prompts, tokens))
+    out: dict[str, float | None] = {}
+    for name, (group, target) in groups.items():
+        hits = [begins_with(next(texts), target) for _ in group]
+        out[name] = float(np.mean(hits)) if hits else None
     return out
 
 
@@ -167,11 +220,11 @@ def zsre_metrics(handle: LoadedModel, case: Case) -> dict:
     }
 
 
-def case_metrics(handle: LoadedModel, case: Case, kind: str, generation: bool, seed: int) -> dict:
+def case_metrics(handle: LoadedModel, case: Case, kind: str, generation: bool, seed: int, decoded: bool = False) -> dict:
     """The metrics of ``kind``'s data set for one case, on the model as it is now."""
     if kind == "zsre":
         return zsre_metrics(handle, case)
-    return counterfact_metrics(handle, case, generation, seed)
+    return counterfact_metrics(handle, case, generation, seed, decoded)
 
 
 # ---------------------------------------------------------------- summaries
@@ -185,7 +238,7 @@ def summarise(per_case: Sequence[dict], side: str, kind: str) -> dict[str, dict[
         if name == "S":
             continue
         values = [case[side][name] for case in per_case if case[side].get(name) is not None]
-        scale = 1.0 if name == "fluency" else 100.0
+        scale = PERCENT_METRICS_SCALE.get(name, 100.0)
         out[name] = mean_ci95([scale * v for v in values])
     if kind != "zsre":
         out = {"S": _score_s(per_case, side), **out}
@@ -214,10 +267,13 @@ class EvaluationSettings:
     method: str = "rome"  # or rome-original, ft, none
     generation: bool = True
     edit: EditOptions = EditOptions()
+    decoded: bool = True  # decoded success beside the teacher-forced scores
+    zsre_target: str = ZSRE_TARGETS[0]
 
     def header(self, dataset_digest: str, model: str) -> dict:
         """What must match for a run to resume from a per-case file."""
         return {"dataset": dataset_digest, "model": model, "method": self.method, "generation": self.generation,
+                "decoded": self.decoded, "zsre_target": self.zsre_target,
                 "edit": json.loads(json.dumps(asdict(self.edit), default=str))}
 
 
@@ -275,7 +331,7 @@ def evaluate(
         progress(index / len(cases), f"case {index + 1}/{len(cases)}: {case.request.subject}")
         session = EditSession(handle)
         with session.applied():  # no edits: the unedited model, under the lock
-            before = case_metrics(handle, case, kind, generation, seed=index)
+            before = case_metrics(handle, case, kind, generation, seed=index, decoded=settings.decoded)
         entry = {"case_id": case.case_id, "subject": case.request.subject, "target_new": case.request.target_new,
                  "target_true": case.request.target_true, "before": before}
         if settings.method == "none":
@@ -286,7 +342,7 @@ def evaluate(
             edit = compute_edit(handle, case.request, options, progress=inner)
             session.add(edit)
             with session.applied():
-                entry["after"] = case_metrics(handle, case, kind, generation, seed=index)
+                entry["after"] = case_metrics(handle, case, kind, generation, seed=index, decoded=settings.decoded)
             entry["edit"] = {"layer": edit.layer, "delta_norm": edit.delta_norm, "seconds": edit.seconds,
                              "warnings": edit.warnings(), "stats": edit.stats}
         per_case.append(entry)
@@ -294,10 +350,15 @@ def evaluate(
             with partial.open("a", encoding="utf-8") as out:
                 out.write(json.dumps(entry) + "\n")
     progress(1.0, "done")
+    edited = [entry["edit"]["stats"] for entry in per_case if "edit" in entry]
     return {
         "method": settings.method,
+        "settings": settings.edit.settings,
+        "zsre_target": settings.zsre_target if kind == "zsre" else None,
         "cases": len(per_case),
         "format": kind,
+        # Edits whose δ was scaled up or optimised again so that they hold on their own prompt (project settings).
+        "strengthened": sum(1 for stats in edited if stats.get("delta_scale", 1.0) > 1.0 or stats.get("clamp_tries", 1) > 1),
         "metrics": summarise(per_case, "after", kind),
         "unedited": summarise(per_case, "before", kind),
         "per_case": per_case,

@@ -155,6 +155,18 @@ def complete(
     are never chosen (:func:`markup_token_ids`); with it, every token of the vocabulary can be.
     """
     tokenizer = handle.tokenizer
+    return [tokenizer.decode(tail, skip_special_tokens=True) for _row, tail in continuation_ids(handle, prompts, new_tokens, sampling, markup)]
+
+
+def continuation_ids(
+    handle: LoadedModel,
+    prompts: Sequence[str],
+    new_tokens: int,
+    sampling: Sampling = GREEDY,
+    markup: bool = False,
+) -> list[tuple[list[int], list[int]]]:
+    """Per prompt, its token ids and the ids of its continuation (cut at end of text); see :func:`complete`."""
+    tokenizer = handle.tokenizer
     if not markup:
         sampling = replace(sampling, banned=tuple(sorted({*sampling.banned, *markup_token_ids(handle)})))
     rows = [tokenizer(clean_text(p, "generation prompt"), add_special_tokens=True)["input_ids"] for p in prompts]
@@ -162,10 +174,10 @@ def complete(
         return []
     with handle.lock:
         outputs = generate_ids(handle, rows, new_tokens, sampling)
-    texts = []
+    pairs = []
     for row, output in zip(rows, outputs):
         tail = output[len(row) :]
         if tokenizer.eos_token_id in tail:
             tail = tail[: tail.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(tail, skip_special_tokens=True))
-    return texts
+        pairs.append((list(row), tail))
+    return pairs

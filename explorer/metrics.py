@@ -24,6 +24,48 @@ def ngram_entropy(text: str) -> float:
     return float(np.mean(values))
 
 
+def rome_ngram_entropy(text: str) -> float:
+    """The paper's generation entropy of one text, computed as ROME's ``compute_n_gram_entropy`` does.
+
+    NLTK's word tokens (case kept, punctuation as tokens), the bigram and trigram entropies in bits
+    weighted 2/3 and 4/3, their mean. ROME's ``word_tokenize`` splits sentences with Punkt's trained
+    English model, a data file nothing here may download; the untrained Punkt splitter stands in for it
+    (it differs only at abbreviations such as "Mr."). Reports multiply the mean over texts by 100, the
+    paper's scale (GE 626 for unedited GPT-2 XL).
+    """
+    from nltk.tokenize import NLTKWordTokenizer
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    words_of = NLTKWordTokenizer().tokenize
+    words = [word for sentence in PunktSentenceTokenizer().tokenize(text) for word in words_of(sentence)]
+    values = []
+    for n, weight in NGRAM_WEIGHTS.items():
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        frequencies = np.array([count / total for count in grams.values()]) if total else np.zeros(0)
+        values.append(weight * float(np.sum(-frequencies * np.log2(frequencies))) if total else 0.0)
+    return float(np.mean(values))
+
+
+def rome_generation_text(prompt_and_continuation: str) -> str:
+    """A generated text as ROME's ``generate_fast`` hands it to the entropy: NFKD, blank lines as spaces."""
+    import unicodedata
+
+    return unicodedata.normalize("NFKD", prompt_and_continuation).replace("\n\n", " ")
+
+
+def begins_with(continuation: str, target: str) -> bool:
+    """Whether a decoded continuation begins with ``target`` as a whole word (leading spaces aside).
+
+    " Paris, France" begins with " Paris"; " Parisian" does not, nor does " the city of Paris".
+    """
+    text, wanted = continuation.lstrip(), target.strip()
+    if not wanted or not text.startswith(wanted):
+        return False
+    rest = text[len(wanted):]
+    return not rest or not (rest[0].isalnum() or rest[0] == "_")
+
+
 def mean_ci95(values: Sequence[float]) -> dict[str, float | None]:
     """Mean and 95% confidence half-width (normal approximation) of ``values``; None for no values."""
     array = np.asarray(values, dtype=float)

@@ -27,6 +27,7 @@ from .prompts import InputError
 
 # The JSON keys of a checkpoint's scores, from each data set's metric names.
 SCORE_NAMES = {"counterfact": {"ES": "ES", "PS": "PS", "NS": "NS"},
+               "counterfact-easyedit": {"ES": "ES", "PS": "PS", "NS": "NS"},
                "zsre": {"ES": "efficacy", "PS": "paraphrase", "NS": "specificity"}}
 
 
@@ -103,5 +104,5 @@ def sequential_run(
                         "seconds": edit.seconds})
         if (index + 1) % settings.every == 0 or index + 1 == len(cases):
             checkpoints.append(measure(index + 1))
-    return {"cases": len(cases), "method": settings.method, "layer": records[0]["layer"], "every": settings.every,
+    return {"cases": len(cases), "method": settings.method, "settings": settings.edit.settings, "layer": records[0]["layer"], "every": settings.every,
             "probes": len(probes), "checkpoints": checkpoints, "edits": records}

@@ -83,9 +83,12 @@ class SecondMoment:
     count: int  # keys averaged
     # Cholesky factors by shrinkage, made on first use: every edit at this layer solves with the same C.
     factors: dict[float, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    source: str | None = None  # the file C was read from (--stats-file); None when computed from spec
 
     def describe(self) -> dict:
         """The ``stats`` entry of an edit's report."""
+        if self.source is not None:
+            return {"corpus": f"file:{self.source}", "samples": self.count, "tokens": None, "seed": None}
         return {"corpus": self.spec.corpus, "samples": self.count, "tokens": self.spec.tokens, "seed": self.spec.seed}
 
 
@@ -219,14 +222,14 @@ def cache_second_moments(handle: LoadedModel, layers: Sequence[int], spec: Stats
                 _save_layer(folder, layer, matrix, count)
 
 
-def _load_layer(folder: Path, layer: int, width: int | None = None) -> tuple[torch.Tensor, int] | None:
-    """The cached C of ``layer`` and its key count, or None when missing or damaged (it is then recomputed).
+def _load_layer(folder: Path, layer: int, width: int | None = None, path: Path | None = None) -> tuple[torch.Tensor, int] | None:
+    """The cached C of ``layer`` (or the file ``path``) and its key count, or None when missing or damaged.
 
     Damaged covers unreadable files and readable ones of the wrong shape: not a dict of this format with
     a positive count, or a matrix that is not a finite square float tensor (``width`` wide, when given).
     """
     try:
-        stored = torch.load(folder / f"layer_{layer}.pt", weights_only=True)
+        stored = torch.load(path or folder / f"layer_{layer}.pt", weights_only=True)
     except Exception:  # noqa: BLE001 - whatever a missing or damaged file raises (truncated zip, bad pickle), recompute
         return None
     if not isinstance(stored, dict) or stored.get("format") != STATS_FORMAT:
@@ -244,6 +247,41 @@ def _load_layer(folder: Path, layer: int, width: int | None = None) -> tuple[tor
     ):
         return None
     return matrix.double(), count
+
+
+def read_second_moment_file(path: str | Path, layer: int, width: int) -> SecondMoment:
+    """C from a file: this project's layer file (``layer_N.pt``) or an ``.npz`` in the layout of ROME's
+    ``runningstats`` (``mom2.mom2``, the sum of k kᵀ, and ``mom2.count``; C = mom2 / count).
+
+    The second lets users of GPT-2 XL and GPT-J edit with the statistics ROME's authors published, and
+    anyone compare this editor with the reference code on the same C.
+    """
+    path = Path(path).expanduser()
+    shown = quoted(str(path))
+    if path.suffix == ".npz":
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                if "mom2.mom2" not in stored or "mom2.count" not in stored:
+                    raise InputError(f"{shown} has no mom2.mom2 and mom2.count arrays; give ROME's layer_stats .npz")
+                count = float(stored["mom2.count"])
+                matrix = torch.from_numpy(np.asarray(stored["mom2.mom2"], dtype=np.float64)) / count
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever a damaged archive raises
+            raise InputError(f"{shown} is not a readable .npz ({error.__class__.__name__})") from None
+        if not count > 0:
+            raise InputError(f"{shown}: mom2.count must be positive")
+        count = int(count)
+    else:
+        loaded = _load_layer(path.parent, layer, None, path)
+        if loaded is None:
+            raise InputError(f"{shown} is not a statistics layer file of this project (format {STATS_FORMAT}) nor an .npz")
+        matrix, count = loaded
+    if matrix.ndim != 2 or tuple(matrix.shape) != (width, width) or not bool(torch.isfinite(matrix).all()):
+        raise InputError(f"{shown} holds a {'x'.join(map(str, matrix.shape))} matrix; layer {layer} needs a finite {width}x{width} C")
+    return SecondMoment(matrix=matrix.double(), layer=layer, spec=StatsSpec(), count=count, source=str(path))
 
 
 def stored_precision(matrix: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from .compare import Probes, edit_scores, snapshot, with_true_target
-from .editing import EditOptions, compute_edit, prepare, validate_options
+from .editing import EditOptions, compute_edit, prepare, resolved_method, validate_options
 from .edits import EditRequest, EditSession
 from .progress import Progress, no_progress, part_of
 from .prompts import InputError
@@ -95,7 +95,7 @@ def sweep_layers(
         on_point({"mlp_effect": effect.tolist()})
     # Everything an edit needs from the model's own weights, for every layer at once: the prefixes once,
     # and C for all layers in one pass over the corpus instead of one pass per layer.
-    if options.method != "ft":
+    if resolved_method(options) != "ft" and options.stats_file is None:
         cache_second_moments(handle, layers, options.stats, part_of(progress, 0, 0.25, "key statistics: "))
     prepare(handle, replace(options, layer=layers[0]), part_of(progress, 0.25, 0.3, "preparing: "))
     points = []
@@ -107,7 +107,8 @@ def sweep_layers(
     scored = [point for point in points if point["score"] is not None]
     return {
         "request": asdict(request),
-        "method": options.method,
+        "method": resolved_method(options),
+        "settings": options.settings,
         "layers": points,
         "mlp_effect": effect.tolist(),
         "peak_layer": int(np.argmax(effect)),

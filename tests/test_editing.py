@@ -216,9 +216,10 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
     clamped = resolve_settings(handle, EditOptions(**{**FAST.__dict__, "steps": 6, "clamp_factor": 0.05}), 1)
     result = optimise_value(handle, batch, 1, pre, clamped.value, 1)
     assert 0.99 * 0.05 * initial <= float(result.delta.norm()) <= 0.05 * initial * (1 + 1e-5)
-    # the KL term's reference, taken from the first step (δ = 0), is the unedited model's distribution
+    # the KL term's reference, taken from the first step (δ = 0), is the unedited model's distribution at
+    # the subject's last token of "{} is a", where δ is added (the reference code's lookup index)
     with torch.no_grad():
-        plain = handle.arch.backbone(input_ids=torch.tensor([rows[1].ids])).last_hidden_state[0, -1]
+        plain = handle.arch.backbone(input_ids=torch.tensor([rows[1].ids])).last_hidden_state[0, rows[1].subject_last]
     expected = torch.log_softmax(handle.arch.logits(plain).double(), -1)
     assert torch.allclose(pre.kl_reference, expected, atol=1e-5)
     # an edit that does not hold on its own prompt is strengthened along δ by 10% steps up to the paper's

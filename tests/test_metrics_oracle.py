@@ -113,14 +113,20 @@ def oracle_counterfact(model, tokenizer, rewrite: str, paraphrases, neighbours, 
     }
 
 
-def oracle_zsre(model, tokenizer, record: dict) -> dict:
-    """zsRE's three accuracies of one record, as the package defines them (see the module docstring)."""
+def oracle_zsre(model, tokenizer, record: dict, convention: str = "answers") -> dict:
+    """zsRE's three accuracies of one record, as the package defines them (see the module docstring).
+
+    ``answers`` is ROME's code: the target is answers[0] and the neighbour is asked as loc + "?";
+    ``alt`` is EasyEdit's: the target is alt and loc is asked as written.
+    """
     listed = lambda value: [value] if isinstance(value, str) else list(value)  # noqa: E731
-    new, answer = " " + record["alt"], " " + record["loc_ans"]
+    new = " " + (record["answers"][0] if convention == "answers" else record["alt"])
+    answer = " " + record["loc_ans"]
+    questions = [q + "?" if convention == "answers" else q for q in listed(record["loc"])]
     return {
         "efficacy": oracle_accuracy(model, tokenizer, record["src"], new),
         "paraphrase": float(np.mean([oracle_accuracy(model, tokenizer, p, new) for p in listed(record["rephrase"])])),
-        "specificity": float(np.mean([oracle_accuracy(model, tokenizer, p, answer) for p in listed(record["loc"])])),
+        "specificity": float(np.mean([oracle_accuracy(model, tokenizer, p, answer) for p in questions])),
     }
 
 
@@ -338,12 +344,17 @@ def test_zsre_metrics_equal_the_oracle(tiny_models, family, monkeypatch):
     handle = tiny_models(family)
     monkeypatch.setattr(scoring, "ROWS_PER_PASS", 3)
     record = zsre_records(handle.model, handle.tokenizer, 1)[0]
-    want = oracle_zsre(handle.model, handle.tokenizer, record)
+    want = oracle_zsre(handle.model, handle.tokenizer, record, "alt")
     assert (want["efficacy"], want["specificity"]) == (1 / 2, 1 / 3)  # what the targets were built to give
     assert 0 < want["paraphrase"] < 1 and len(set(want.values())) == 3  # a swapped or shifted slice shows
-    case = ev.parse_case(record, "zsre", 0)
+    case = ev.parse_case(record, "zsre", 0, "alt")
     got = ev.zsre_metrics(handle, case)
     assert got == pytest.approx(want, abs=1e-12)
+    # ROME's convention (the default): towards answers[0], the neighbour asked with a question mark
+    case = ev.parse_case(record, "zsre", 0)
+    assert (case.request.target_new, case.request.target_true) == (" " + record["answers"][0], None)
+    assert case.neighborhood == (record["loc"] + "?",)
+    assert ev.zsre_metrics(handle, case) == pytest.approx(oracle_zsre(handle.model, handle.tokenizer, record), abs=1e-12)
 
 
 # ---------------------------------------------------------------- 4. the evaluate command on a zsRE file
@@ -377,13 +388,14 @@ def test_evaluate_command_on_zsre_matches_the_oracle(llama_folder, tmp_path):
     records = zsre_records(model, tokenizer, 3)
     data_file = tmp_path / "zsre.json"
     data_file.write_text(json.dumps(records), encoding="utf-8")
-    want = [oracle_zsre(model, tokenizer, record) for record in records]
+    want = [oracle_zsre(model, tokenizer, record, "alt") for record in records]
 
-    out = _run("evaluate", str(data_file), "--model", str(llama_folder), "--method", "none", "--json", str(tmp_path / "none.json"))
+    out = _run("evaluate", str(data_file), "--model", str(llama_folder), "--method", "none", "--zsre-target", "alt",
+               "--json", str(tmp_path / "none.json"))
     assert out.returncode == 0, out.stderr
     data = json.loads((tmp_path / "none.json").read_text(encoding="utf-8"))
-    assert set(data) == {"method", "cases", "format", "metrics", "unedited", "per_case"}
-    assert (data["method"], data["cases"], data["format"]) == ("none", 3, "zsre")
+    assert set(data) == {"method", "settings", "zsre_target", "strengthened", "cases", "format", "metrics", "unedited", "per_case"}
+    assert (data["method"], data["cases"], data["format"], data["zsre_target"]) == ("none", 3, "zsre", "alt")
     assert set(data["metrics"]) == set(data["unedited"]) == {"efficacy", "paraphrase", "specificity"}
     assert data["metrics"] == data["unedited"]
     for entry, expected, record in zip(data["per_case"], want, records, strict=True):
@@ -410,12 +422,12 @@ def test_rome_evaluation_on_zsre_runs_in_range(tiny_models):
 
     handle = tiny_models("gpt2", torch.float32)
     records = zsre_records(handle.model, handle.tokenizer, 2)
-    cases = [ev.parse_case(record, "zsre", i) for i, record in enumerate(records)]
+    cases = [ev.parse_case(record, "zsre", i, "alt") for i, record in enumerate(records)]
     weights = [p.detach().clone() for p in handle.model.parameters()]
     options = EditOptions(layer=1, steps=2, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
     result = ev.evaluate(handle, cases, "zsre", ev.EvaluationSettings(method="rome", generation=False, edit=options))
     assert all(torch.equal(a, b) for a, b in zip(weights, handle.model.parameters()))
-    want = [oracle_zsre(handle.model, handle.tokenizer, record) for record in records]
+    want = [oracle_zsre(handle.model, handle.tokenizer, record, "alt") for record in records]
     for entry, expected in zip(result["per_case"], want, strict=True):
         assert entry["before"] == pytest.approx(expected, abs=1e-12) and entry["edit"]["layer"] == 1
         assert all(0 <= value <= 1 for value in entry["after"].values())

@@ -6,6 +6,8 @@ the app and the Python API.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from ..prompts import InputError
 
@@ -43,9 +45,21 @@ def add_edit_options(parser: argparse.ArgumentParser, layer: bool = True) -> Non
     from ..editing import EditOptions  # the defaults are the dataclass's: one source for the CLI, app and API
     from ..stats import CORPORA, StatsSpec
 
+    from ..editing import SETTINGS
+
     defaults = EditOptions()
-    parser.add_argument("--method", default=defaults.method,
-                        help=f"rome, rome-original, ft (or none, for evaluate); default {defaults.method}")
+    parser.add_argument("--method", default=None,
+                        help="rome, rome-original, ft (or none, for evaluate); default: rome, or rome-original with "
+                             "--settings reference")
+    parser.add_argument("--settings", default=defaults.settings, choices=SETTINGS,
+                        help="project (default: the measured settings, docs/editing.md) or reference (every choice as "
+                             "ROME's reference code makes it)")
+    parser.add_argument("--prefixes-file", help="a JSON list of context templates, each with one {} (the first \"{}\"), "
+                                                "used instead of generated prefixes")
+    parser.add_argument("--stats-file", help="C from this file instead of computed: a layer_N.pt of this project's cache, "
+                                             "or an .npz in ROME's layer_stats layout (mom2.mom2, mom2.count)")
+    parser.add_argument("--no-strengthen", dest="strengthen", action="store_const", const=False, default=None,
+                        help="never scale δ up to make an edit hold on its own prompt (reference settings never do)")
     if layer:
         parser.add_argument("--layer", type=int, help="layer to edit (default: the model's peak MLP-effect layer)")
 
@@ -58,6 +72,14 @@ def add_edit_options(parser: argparse.ArgumentParser, layer: bool = True) -> Non
                         help=f"at most this many value-optimisation steps (default {defaults.steps})")
     parser.add_argument("--clamp-factor", type=float, help="‖δ‖ ≤ this × ‖MLP output‖ (default: the model's measured value, else 4)")
     parser.add_argument("--loss-stop", type=float, help="stop the value optimisation below this loss (default: measured, else 0.05)")
+
+
+def add_zsre_target_option(parser: argparse.ArgumentParser) -> None:
+    from ..evaluate import ZSRE_TARGETS
+
+    parser.add_argument("--zsre-target", default=ZSRE_TARGETS[0], choices=ZSRE_TARGETS,
+                        help="zsRE records: edit towards answers[0] and ask the neighbour as loc + '?' (answers, ROME's "
+                             "code, the default) or towards alt with loc as written (alt, EasyEdit's)")
 
 
 def _add_trace_command(commands) -> None:
@@ -136,7 +158,10 @@ def _add_evaluate_command(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="CounterFact / zsRE metrics of an editing method over a data set")
     evaluate.add_argument("dataset", help="data set JSON: CounterFact (ROME or EasyEdit format) or zsRE (ROME format)")
     evaluate.add_argument("--limit", type=int, help="use the first N cases")
-    evaluate.add_argument("--skip-generation", action="store_true", help="skip the fluency (generation entropy) metric")
+    evaluate.add_argument("--skip-generation", action="store_true", help="skip the fluency and GE (generation entropy) metrics")
+    evaluate.add_argument("--skip-decoded", action="store_true",
+                          help="skip decoded success (greedy continuations of every prompt, before and after)")
+    add_zsre_target_option(evaluate)
     add_edit_options(evaluate)
     evaluate.add_argument("--json", dest="json_out", help="write the result here; per-case lines go to JSON.partial.jsonl as they finish, and a rerun resumes from them")
     add_model_options(evaluate)
@@ -147,6 +172,7 @@ def _add_sequential_command(commands) -> None:
                                                         "measuring retention, probe facts and fluency at checkpoints")
     sequential.add_argument("dataset", help="data set JSON, any format evaluate reads")
     sequential.add_argument("--limit", type=int, help="edit the first N cases")
+    add_zsre_target_option(sequential)
     sequential.add_argument("--every", type=int, default=10, help="a checkpoint every K edits, and after the last (default 10)")
     from ..health import PROBE_FACTS
 
@@ -212,12 +238,41 @@ def edit_options(args: argparse.Namespace):
     from ..editing import EditOptions, METHODS
     from ..stats import StatsSpec
 
-    if args.method not in (*METHODS, "none") or (args.method == "none" and args.command != "evaluate"):
+    from ..editing import validate_choices
+
+    if args.method is not None and (args.method not in (*METHODS, "none") or (args.method == "none" and args.command != "evaluate")):
         raise InputError(f"unknown method {args.method!r}: use one of {', '.join(METHODS)}")
     stats = StatsSpec(corpus=args.stats_corpus, tokens=args.stats_tokens)
     stats.validate()
-    method = "rome" if args.method == "none" else args.method
-    return EditOptions(
-        method=method, layer=getattr(args, "layer", None), stats=stats, shrinkage=args.shrinkage, steps=args.steps,
-        clamp_factor=args.clamp_factor, loss_stop=args.loss_stop,
+    method = None if args.method == "none" else args.method
+    options = EditOptions(
+        method=method, settings=args.settings, layer=getattr(args, "layer", None), stats=stats, shrinkage=args.shrinkage,
+        steps=args.steps, clamp_factor=args.clamp_factor, loss_stop=args.loss_stop, strengthen=args.strengthen,
+        templates=read_templates_file(args.prefixes_file) if args.prefixes_file else None, stats_file=args.stats_file,
     )
+    validate_choices(options)
+    if options.stats_file is not None and not Path(options.stats_file).expanduser().is_file():
+        raise InputError(f"--stats-file {options.stats_file} does not exist")
+    return options
+
+
+def chosen_method(args: argparse.Namespace, options) -> str:
+    """The method a command runs: 'none' when evaluate is told so, else what the options resolve to."""
+    from ..editing import resolved_method
+
+    return "none" if args.method == "none" else resolved_method(options)
+
+
+def read_templates_file(path: str) -> tuple[str, ...]:
+    """The context templates of a --prefixes-file: a JSON list of texts, each with one {}."""
+    from ..editing import validate_templates
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"--prefixes-file {path} does not exist")
+    try:
+        templates = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"--prefixes-file {path} is not JSON ({error.__class__.__name__}); give a list of templates") from None
+    validate_templates(templates)
+    return tuple(templates)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..export import json_text
 from ..prompts import InputError
-from .arguments import edit_options, trace_options
+from .arguments import chosen_method, edit_options, trace_options
 from .console import ProgressBar, load, write_json
 
 def run_trace(args: argparse.Namespace) -> int:
@@ -163,6 +163,7 @@ def run_edit(args: argparse.Namespace) -> int:
         "request": asdict(request),
         "layer": edit.layer,
         "method": edit.method,
+        "settings": options.settings,
         "seconds": edit.seconds,
         "stats": edit.stats,
         "delta_norm": edit.delta_norm,
@@ -188,13 +189,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..editing import validate_options
     from ..evaluate import EvaluationSettings, evaluate, format_table, read_dataset
 
-    kind, cases = read_dataset(args.dataset, args.limit)
+    kind, cases = read_dataset(args.dataset, args.limit, zsre_target=args.zsre_target)
     options = edit_options(args)
+    method = chosen_method(args, options)
     handle = load(args)
     validate_options(handle, options)
-    settings = EvaluationSettings(method=args.method, generation=not args.skip_generation, edit=options)
+    settings = EvaluationSettings(method=method, generation=not args.skip_generation, edit=options,
+                                  decoded=not args.skip_decoded, zsre_target=args.zsre_target)
     partial = Path(args.json_out + ".partial.jsonl") if args.json_out else None
-    bar = ProgressBar(f"evaluating {args.method}")
+    bar = ProgressBar(f"evaluating {method} ({options.settings} settings)")
     try:
         result = evaluate(handle, cases, kind, settings, partial, progress=bar)
     finally:
@@ -211,11 +214,12 @@ def run_sequential(args: argparse.Namespace) -> int:
     from ..evaluate import read_dataset
     from ..sequential import SequentialSettings, sequential_run
 
-    kind, cases = read_dataset(args.dataset, args.limit)
-    settings = SequentialSettings(method=args.method, every=args.every, edit=edit_options(args), probes=args.probes)
+    kind, cases = read_dataset(args.dataset, args.limit, zsre_target=args.zsre_target)
+    options = edit_options(args)
+    settings = SequentialSettings(method=chosen_method(args, options), every=args.every, edit=options, probes=args.probes)
     settings.validate(len(cases))
     handle = load(args)
-    bar = ProgressBar(f"sequential {args.method}")
+    bar = ProgressBar(f"sequential {settings.method}")
 
     def show(point: dict) -> None:
         scores = ", ".join(f"{key} {point[key]:.1f}" for key in ("ES", "PS", "NS") if point[key] is not None)

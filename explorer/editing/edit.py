@@ -8,7 +8,7 @@ from ..edits import Edit, EditRequest
 from ..models import LoadedModel, model_fingerprint
 from ..progress import Progress, no_progress, part_of
 from ..scoring import target_ids
-from ..stats import SecondMoment, second_moment
+from ..stats import SecondMoment, read_second_moment_file, second_moment
 from .ft import compute_ft
 from .prefixes import context_prefixes
 from .rome import compute_rome
@@ -39,12 +39,18 @@ def prepare(handle: LoadedModel, options: EditOptions, progress: Progress = no_p
     if settings.method == "ft":
         return Prepared(layer=settings.layer, prefixes=[], moment=None, seconds=seconds)
     began = time.perf_counter()
-    progress(0.0, "generating context prefixes")
-    prefixes = context_prefixes(handle, settings, waiting=progress)
+    prefixes = []
+    if settings.templates is None:  # templates given instead (--prefixes-file) need no generated prefixes
+        progress(0.0, "generating context prefixes")
+        prefixes = context_prefixes(handle, settings, waiting=progress)
     seconds["prefixes"] = time.perf_counter() - began
     began = time.perf_counter()
     progress(0.1, f"key statistics for layer {settings.layer}")
-    moment = second_moment(handle, settings.layer, settings.stats, part_of(progress, 0.1, 1))
+    if settings.stats_file is not None:
+        width = handle.arch.mlp_out_weight(settings.layer).shape[1]
+        moment = read_second_moment_file(settings.stats_file, settings.layer, width)
+    else:
+        moment = second_moment(handle, settings.layer, settings.stats, part_of(progress, 0.1, 1))
     seconds["stats"] = time.perf_counter() - began
     return Prepared(layer=settings.layer, prefixes=prefixes, moment=moment, seconds=seconds)
 

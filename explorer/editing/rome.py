@@ -37,11 +37,15 @@ class LossLayout:
     columns: list[int]
     tokens: list[int]  # the target token each (row, column) predicts
     weights: torch.Tensor  # per target token: 1 / (tokens in its row × rows), so each prompt counts once
-    kl: bool  # whether the last (row, column) is the KL prompt's final position
+    kl: bool  # whether the last (row, column) is the KL prompt's subject-last position
 
 
 def loss_layout(batch: AlignedBatch, rewrite_rows: Sequence[int], kl_row: int | None) -> LossLayout:
-    """The :class:`LossLayout` of ``batch``: targets of ``rewrite_rows``, and ``kl_row``'s last position."""
+    """The :class:`LossLayout` of ``batch``: targets of ``rewrite_rows``, and ``kl_row``'s subject-last position.
+
+    The KL term reads the distribution where δ is added (the subject's last token of "{} is a"), as the
+    reference code does (its ``lookup_idxs``), not after the prompt's last token.
+    """
     rows, columns, tokens, weights = [], [], [], []
     for i in rewrite_rows:
         row = batch.rows[i]
@@ -53,12 +57,12 @@ def loss_layout(batch: AlignedBatch, rewrite_rows: Sequence[int], kl_row: int | 
             weights.append(1.0 / (len(row.targets) * len(rewrite_rows)))
     if kl_row is not None:
         rows.append(kl_row)
-        columns.append(batch.column(kl_row, len(batch.rows[kl_row].ids) - 1) - batch.split)
+        columns.append(batch.column(kl_row, batch.rows[kl_row].subject_last) - batch.split)
     return LossLayout(rows, columns, tokens, torch.tensor(weights), kl_row is not None)
 
 
 def read_losses(handle: LoadedModel, layout: LossLayout, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean target NLL, and the KL prompt's next-token log-probabilities (one unembedding for both)."""
+    """Mean target NLL, and the KL position's next-token log-probabilities (one unembedding for both)."""
     logprobs = torch.log_softmax(handle.arch.logits(states[layout.rows, layout.columns]).float(), -1)
     count = len(layout.tokens)
     wanted = torch.tensor(layout.tokens, device=logprobs.device).unsqueeze(1)
@@ -72,10 +76,13 @@ def read_losses(handle: LoadedModel, layout: LossLayout, states: torch.Tensor) -
 
 @dataclass
 class ValueResult:
-    """The optimised δ (v* = the MLP output at the bare prompt + δ) and what it took."""
+    """The optimised δ (v* = the MLP output at the bare prompt + δ) and what it took.
+
+    ``losses[i]`` is the loss after ``i`` optimiser updates; the last is the loss of the δ returned.
+    """
 
     delta: torch.Tensor
-    steps: int
+    steps: int  # losses evaluated (forward passes); the updates are one fewer
     losses: list[float]
 
 
@@ -84,7 +91,10 @@ def optimise_value(
 ) -> ValueResult:
     """v*: δ added to W's output at each subject's last token, trained so the targets follow.
 
-    ‖δ‖ is clamped to ``settings.clamp_factor`` × the MLP output's norm.
+    ‖δ‖ is clamped to ``settings.clamp_factor`` × the MLP output's norm. As in the reference code, at most
+    ``settings.steps`` losses are evaluated and the loop ends before updating after the last of them (or
+    once a loss is below ``loss_stop``): at most steps − 1 updates, and the δ returned is the one whose loss
+    was recorded last.
     """
     rewrite_rows = [i for i in range(len(batch.rows)) if i != kl_row]
     initial = pre.outputs[0].detach()
@@ -98,15 +108,14 @@ def optimise_value(
         added[:, 0] = delta  # column 0 of the suffix is every row's subject-last token
         return output + added
 
-    steps = 0
     layout = loss_layout(batch, rewrite_rows, kl_row)
     with hooks.on_output(handle.arch.mlp_out(layer), add_delta), suffix_pass(handle, batch, layer, pre) as run:
-        for steps in range(1, settings.steps + 1):
+        for step in range(settings.steps):
             loss = _value_loss(handle, layout, run(), pre, delta, initial, settings)
             losses.append(float(loss.detach()))
             if not torch.isfinite(loss):
                 raise FloatingPointError("the value optimisation diverged (loss is not finite); try a lower learning rate")
-            if losses[-1] < settings.loss_stop:
+            if losses[-1] < settings.loss_stop or step == settings.steps - 1:
                 break
             optimiser.zero_grad()
             loss.backward()
@@ -115,7 +124,7 @@ def optimise_value(
                 norm = float(delta.norm())
                 if norm > max_norm:
                     delta.mul_(max_norm / norm)
-    return ValueResult(delta=delta.detach(), steps=steps, losses=losses)
+    return ValueResult(delta=delta.detach(), steps=len(losses), losses=losses)
 
 
 def _value_loss(
@@ -127,11 +136,15 @@ def _value_loss(
     initial: torch.Tensor,
     settings: ValueSettings,
 ) -> torch.Tensor:
-    """Target NLL + kl_factor × KL from the unedited next-token distribution + the decay on δ."""
+    """Target NLL + kl_factor × KL(p ‖ p₀) + the decay on δ (the paper's equation 4).
+
+    p is the edited next-token distribution at the KL position, p₀ the unedited one: the reference code's
+    ``kl_div(p₀, p, log_target=True)``, whose gradient flows through both factors of Σ p (log p − log p₀).
+    """
     nll, kl_logprobs = read_losses(handle, layout, states)
     if pre.kl_reference is None:  # the first step's δ is zero: this is the unedited distribution
         pre.kl_reference = kl_logprobs.detach()
-    kl = torch.sum(pre.kl_reference.exp() * (pre.kl_reference - kl_logprobs))
+    kl = torch.sum(kl_logprobs.exp() * (kl_logprobs - pre.kl_reference))
     decay = settings.weight_decay * delta.norm() / initial.norm() ** 2
     return nll + settings.kl_factor * kl.float() + decay
 
@@ -219,7 +232,8 @@ def compute_rome(
     phases: dict[str, float] = {}
     began = time.perf_counter()
     progress(0.2, "computing the key k*")
-    batch, kl_row = _edit_batch(handle, request, prefixes)
+    templates = settings.templates if settings.templates is not None else context_templates(prefixes)
+    batch, kl_row = _edit_batch(handle, request, templates)
     phases["context"] = time.perf_counter() - began
     began = time.perf_counter()
     pre = precompute(handle, batch, settings.layer)
@@ -245,10 +259,10 @@ def compute_rome(
     return vectors, info, phases
 
 
-def _edit_batch(handle: LoadedModel, request: EditRequest, prefixes: Sequence[str]) -> tuple[AlignedBatch, int]:
+def _edit_batch(handle: LoadedModel, request: EditRequest, templates: Sequence[str]) -> tuple[AlignedBatch, int]:
     """The aligned batch of the context templates filled with the request, then the KL prompt (its last row)."""
     new_ids = target_ids(handle, request.target_new)
-    rows = [prompt_row(handle, template, request, new_ids) for template in context_templates(prefixes)]
+    rows = [prompt_row(handle, template, request, new_ids) for template in templates]
     rows.append(prompt_row(handle, "{}", request, [], kl=True))
     batch = align(rows, pad_token(handle))
     context_keys_values(handle, batch)  # the templates' own tokens: computed once, reused by later edits
@@ -274,7 +288,7 @@ def _holding_update(
     """
     paper_clamp = PAPER_SETTINGS["clamp_factor"]
     clamps = [settings.value.clamp_factor]
-    if clamps[0] < paper_clamp:
+    if settings.strengthen and clamps[0] < paper_clamp:
         clamps.append(paper_clamp)
     for tries, clamp in enumerate(clamps, start=1):
         began = time.perf_counter()
@@ -283,7 +297,7 @@ def _holding_update(
         result = optimise_value(handle, batch, settings.layer, pre, replace(settings.value, clamp_factor=clamp), kl_row)
         phases["value"] += time.perf_counter() - began
         began = time.perf_counter()
-        for scale in scale_ladder(clamp):
+        for scale in scale_ladder(clamp) if settings.strengthen else [1.0]:
             right, left = update(scale * result.delta)
             holds = edit_holds(handle, request, settings.layer, right, left)
             if holds:
@@ -299,6 +313,8 @@ def _rome_info(moment: SecondMoment, settings: EditSettings, found: _Found) -> d
     result = found.result
     return {
         **moment.describe(),
+        "settings": settings.settings,
+        "strengthen": settings.strengthen,
         "shrinkage": settings.shrinkage,
         "value_steps": result.steps,
         "weight_decay": settings.value.weight_decay,
