@@ -37,7 +37,7 @@ from explorer.evaluate import EvaluationSettings, evaluate, read_dataset
 from explorer.models import load_model
 from explorer.stats import StatsSpec
 
-SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "counterfact_sample.json"
+SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "handwritten_counterfact_cases.json"
 
 
 def variants(layer: int) -> dict[str, tuple[str, EditOptions]]:

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/sweep_localisation.json")
     args = parser.parse_args()
     handle = load_model("default")
-    _kind, cases = read_dataset(ASSETS / "counterfact_sample.json", args.cases)
+    _kind, cases = read_dataset(ASSETS / "handwritten_counterfact_cases.json", args.cases)
     per_case = []
     for case in cases:
         began = time.perf_counter()

@@ -10,11 +10,13 @@ import numpy as np
 from .aggregate import top_prediction
 from .edits import Edit, EditRequest, EditSession
 from .generation import GREEDY, Sampling, complete
-from .metrics import ngram_entropy, rewrite_scores
+from .metrics import begins_with, ngram_entropy, rewrite_scores
 from .models import LoadedModel
-from .scoring import target_probabilities
+from .scoring import target_ids, target_probabilities
 
 GENERATION_TOKENS = 30
+DECODED_TOKENS = 8  # greedy tokens after each prompt for decoded success (more when a target is longer)
+DECODED_METRICS = ("decoded_efficacy", "decoded_paraphrase", "decoded_neighborhood")
 # A drop of generation entropy this large (bits) after an edit means the text started to repeat itself.
 ENTROPY_COLLAPSE_BITS = 1.0
 
@@ -60,7 +62,29 @@ def snapshot(handle: LoadedModel, request: EditRequest, probes: Probes) -> dict:
         "paraphrases": probs(probes.paraphrases),
         "neighborhood": probs(probes.neighborhood),
         "generations": [{"prompt": p, "text": t} for p, t in zip(probes.generate, texts)],
+        "decoded": decoded_success(handle, request, probes.paraphrases, probes.neighborhood),
     }
+
+
+def decoded_success(handle: LoadedModel, request: EditRequest, paraphrases: Sequence[str], neighborhood: Sequence[str]) -> dict:
+    """What the model *says*: shares of greedy continuations that begin with target_new (edit prompt,
+    paraphrases) or with target_true (neighbours); None where a group has no prompts (or no true target).
+
+    Teacher-forced scores ask whether P(new) > P(true); a model can prefer the new target and still say
+    something else first ("the", a date), so both are reported side by side.
+    """
+    targets = [request.target_new] + ([request.target_true] if request.target_true else [])
+    tokens = max([DECODED_TOKENS] + [len(target_ids(handle, target)) + 1 for target in targets])
+    groups = {"decoded_efficacy": ([request.filled], request.target_new),
+              "decoded_paraphrase": (list(paraphrases), request.target_new),
+              "decoded_neighborhood": (list(neighborhood) if request.target_true else [], request.target_true)}
+    prompts = [prompt for group, _target in groups.values() for prompt in group]
+    texts = iter(complete(handle, prompts, tokens)) if prompts else iter(())
+    shares: dict[str, float | None] = {}
+    for name, (group, target) in groups.items():
+        hits = [begins_with(next(texts), target) for _ in group]
+        shares[name] = float(np.mean(hits)) if hits else None
+    return shares
 
 
 def compare(session: EditSession, edit: Edit, probes: Probes) -> dict:
@@ -74,7 +98,7 @@ def compare(session: EditSession, edit: Edit, probes: Probes) -> dict:
     return {
         "before": before,
         "after": after,
-        "metrics": {"before": edit_scores(before), "after": edit_scores(after)},
+        "metrics": {"before": {**edit_scores(before), **before["decoded"]}, "after": {**edit_scores(after), **after["decoded"]}},
         "warnings": edit.warnings() + entropy_warnings(before, after),
     }
 

@@ -15,22 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
+from .compare import DECODED_METRICS, decoded_success
 from .editing import EditOptions, compute_edit, make_request
+from .facts import ASSETS
 from .edits import EditRequest, EditSession
-from .generation import Sampling, complete, continuation_ids
-from .metrics import begins_with, harmonic_mean, mean_ci95, ngram_entropy, rewrite_scores, rome_generation_text, rome_ngram_entropy
+from .generation import Sampling, continuation_ids
+from .metrics import harmonic_mean, mean_ci95, ngram_entropy, rewrite_scores, rome_generation_text, rome_ngram_entropy
 from .models import LoadedModel
 from .prompts import InputError
-from .scoring import score_targets, target_ids
+from .scoring import score_targets
 from .progress import Progress, no_progress, part_of
+
+# Bundled data sets (assets/README.md has their sources and licences).
+REAL_COUNTERFACT = ASSETS / "counterfact_real_2000.json"  # real CounterFact records, unfiltered: the headline's data
+REAL_ZSRE = ASSETS / "zsre_train_1k.json"
+HANDWRITTEN_CASES = ASSETS / "handwritten_counterfact_cases.json"  # written in CounterFact's format, known to the default model: the app's examples
 
 FORMATS = {
     "counterfact": "CounterFact in ROME's format (requested_rewrite, paraphrase_prompts, neighborhood_prompts, ...)",
     "counterfact-easyedit": "CounterFact in EasyEdit/MEND's format (prompt, subject, target_new, ground_truth, rephrase_prompt, locality_prompt, ...)",
     "zsre": "zsRE in ROME's format (subject, src, pred, rephrase, alt, answers, loc, loc_ans)",
 }
-COUNTERFACT_METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "fluency", "GE",
-                       "decoded_efficacy", "decoded_paraphrase", "decoded_neighborhood")
+COUNTERFACT_METRICS = ("S", "ES", "PS", "NS", "EM", "PM", "NM", "fluency", "GE", *DECODED_METRICS)
 ZSRE_METRICS = ("efficacy", "paraphrase", "specificity")
 # zsRE conventions: ROME's code edits towards answers[0] and asks the neighbour as loc + "?"; EasyEdit's
 # towards alt, asking loc as written.
@@ -38,7 +44,6 @@ ZSRE_TARGETS = ("answers", "alt")
 FLUENCY_TOKENS = 100  # fluency: entropy of 100-token samples (top-k 5), as in the paper
 GE_TOTAL_TOKENS = 100  # GE: ROME's generate_fast(max_out_len=100) counts the prompt's tokens in the 100
 GENERATION_TOP_K = 5
-DECODED_TOKENS = 8  # greedy tokens after each prompt for decoded success (more when a target is longer)
 BOOTSTRAP_SAMPLES = 1000
 PERCENT_METRICS_SCALE = {"fluency": 1.0}  # bits, as measured; every other metric in percent (GE: the paper's ×100)
 
@@ -184,25 +189,11 @@ def generation_metrics(handle: LoadedModel, case: Case, seed: int) -> dict:
     return {"fluency": float(np.mean(fluency)), "GE": float(np.mean(ge))}
 
 
-DECODED_METRICS = ("decoded_efficacy", "decoded_paraphrase", "decoded_neighborhood")
 
 
 def decoded_metrics(handle: LoadedModel, case: Case) -> dict:
-    """What the model *says*: shares of greedy continuations that begin with target_new (edit prompt,
-    paraphrases) or with target_true (neighbours); None where a group has no prompts (or no true target)."""
-    request = case.request
-    targets = [request.target_new] + ([request.target_true] if request.target_true else [])
-    tokens = max([DECODED_TOKENS] + [len(target_ids(handle, target)) + 1 for target in targets])
-    groups = {"decoded_efficacy": ([request.filled], request.target_new),
-              "decoded_paraphrase": (list(case.paraphrases), request.target_new),
-              "decoded_neighborhood": (list(case.neighborhood) if request.target_true else [], request.target_true)}
-    prompts = [prompt for group, _target in groups.values() for prompt in group]
-    texts = iter(complete(handle, prompts, tokens))
-    out: dict[str, float | None] = {}
-    for name, (group, target) in groups.items():
-        hits = [begins_with(next(texts), target) for _ in group]
-        out[name] = float(np.mean(hits)) if hits else None
-    return out
+    """Decoded success on the case's edit prompt, paraphrases and neighbours (:func:`compare.decoded_success`)."""
+    return decoded_success(handle, case.request, case.paraphrases, case.neighborhood)
 
 
 def zsre_metrics(handle: LoadedModel, case: Case) -> dict:

@@ -132,11 +132,17 @@ def generations_html(report: dict, target_new: str, target_true: str | None) -> 
 
 
 def metrics_markdown(metrics: dict, warnings: list[str]) -> str:
-    """The edit's scores before → after as a Markdown table, then any warnings."""
-    names = [n for n in ("ES", "PS", "NS", "EM", "PM", "NM") if metrics["after"].get(n) is not None]
+    """The edit's scores before → after as a Markdown table, then any warnings.
+
+    Teacher-forced scores (P(new) > P(true)) first, then decoded success (the greedy continuation begins
+    with the target), each beside the unedited model's on the same prompts.
+    """
+    labels = {"ES": "ES", "PS": "PS", "NS": "NS", "EM": "EM", "PM": "PM", "NM": "NM",
+              "decoded_efficacy": "decoded ES", "decoded_paraphrase": "decoded PS", "decoded_neighborhood": "decoded NS"}
+    names = [n for n in labels if metrics["after"].get(n) is not None]
     def cell(value: float) -> str:
         return f"{100 * value:.1f}"
-    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["| | " + " | ".join(labels[n] for n in names) + " |", "|---|" + "---|" * len(names)]
     for side in ("before", "after"):
         lines.append(f"| {side} | " + " | ".join(cell(metrics[side][n]) for n in names) + " |")
     lines += [f"\n**Warning:** {safe_label(w)}" for w in warnings]

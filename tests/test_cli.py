@@ -359,7 +359,7 @@ def test_edit_bad_input_exits_2_with_one_line(tiny_folder, args, message):
 
 
 def test_evaluate_prints_table_and_writes_json(tiny_folder, tmp_path):
-    out = _run("evaluate", str(REPO / "assets" / "counterfact_sample.json"), "--limit", "2", "--skip-generation",
+    out = _run("evaluate", str(REPO / "assets" / "handwritten_counterfact_cases.json"), "--limit", "2", "--skip-generation",
                "--model", str(tiny_folder), "--layer", "1", "--stats-corpus", "identity", "--steps", "2",
                "--json", str(tmp_path / "ev.json"))
     assert out.returncode == 0, out.stderr

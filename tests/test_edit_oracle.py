@@ -61,6 +61,17 @@ def _stats_file(tmp_path, handle, layout: str):
     return path, matrix.double()
 
 
+def _hard_request(handle) -> dict:
+    """REQUEST with its two targets ordered so that the unedited model prefers target_true: the edit must work."""
+    ids = handle.tokenizer(REQUEST["prompt"].replace("{}", REQUEST["subject"]), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = handle.model(input_ids=ids).logits[0, -1]
+    first = {name: handle.tokenizer(REQUEST[name], add_special_tokens=False)["input_ids"][0] for name in ("target_new", "target_true")}
+    if logits[first["target_new"]] < logits[first["target_true"]]:
+        return dict(REQUEST)
+    return {**REQUEST, "target_new": REQUEST["target_true"], "target_true": REQUEST["target_new"]}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_edit_equals_the_oracle(tiny, case, tmp_path):
     family, handle = tiny
@@ -68,10 +79,11 @@ def test_edit_equals_the_oracle(tiny, case, tmp_path):
     path, matrix = _stats_file(tmp_path, handle, "npz" if case != "rome" else "pt")
     options = EditOptions(**{**options.__dict__, "templates": TEMPLATES, "stats_file": str(path),
                              "stats": StatsSpec(corpus="identity")})
-    request = make_request(REQUEST["prompt"], REQUEST["subject"], REQUEST["target_new"], REQUEST["target_true"])
     with one_torch_thread():
+        plain = _hard_request(handle)
+        request = make_request(plain["prompt"], plain["subject"], plain["target_new"], plain["target_true"])
         edit = compute_edit(handle, request, options)
-        want = oracle_rome(handle.model, handle.tokenizer, MLP_OUT[family](handle.model, LAYER), REQUEST, list(TEMPLATES),
+        want = oracle_rome(handle.model, handle.tokenizer, MLP_OUT[family](handle.model, LAYER), plain, list(TEMPLATES),
                            matrix, settings)
     stats = edit.stats
     assert stats["corpus"] == f"file:{path}" and stats["settings"] == options.settings

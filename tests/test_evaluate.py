@@ -15,7 +15,7 @@ from explorer.metrics import harmonic_mean, mean_ci95, ngram_entropy
 from explorer.prompts import InputError
 from explorer.stats import StatsSpec
 
-SAMPLE = REPO / "assets" / "counterfact_sample.json"
+SAMPLE = REPO / "assets" / "handwritten_counterfact_cases.json"
 FAST = EditOptions(layer=1, steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ import torch
 
 from explorer import evaluate as ev
 from explorer import scoring
-from explorer.metrics import rewrite_scores
+from explorer.metrics import rewrite_scores, rome_ngram_entropy
 from tests.conftest import REPO, build_tiny, run_cli, save_tiny
 
 FACTS = json.loads((REPO / "assets" / "known_facts.json").read_text(encoding="utf-8"))
@@ -433,3 +434,60 @@ def test_rome_evaluation_on_zsre_runs_in_range(tiny_models):
         assert all(0 <= value <= 1 for value in entry["after"].values())
     assert result["unedited"]["efficacy"]["mean"] == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
     assert all(0 <= value["mean"] <= 100 and value["ci95"] >= 0 for value in result["metrics"].values())
+
+
+# ---------------------------------------------------------------- decoded success and the paper's GE
+
+
+def oracle_greedy(model, tokenizer, prompt: str, tokens: int) -> str:
+    """The greedy continuation, one unpadded forward pass per new token (no cache, no batching)."""
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    start = len(ids)
+    with torch.no_grad():
+        for _ in range(tokens):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return tokenizer.decode(ids[start:], skip_special_tokens=True)
+
+
+def oracle_begins_with(continuation: str, target: str) -> bool:
+    """The continuation's first word (leading spaces aside) is the target: what the model *says* first."""
+    return re.match(r"\s*" + re.escape(target.strip()) + r"(?![\w])", continuation) is not None
+
+
+def first_word(text: str) -> str | None:
+    """The continuation's first whitespace-delimited piece (tiny random models say bytes, not words)."""
+    found = re.match(r"\s*([^\s\x00-\x1f]+)", text)
+    return " " + found.group(1) if found else None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoded_success_equals_greedy_decoding_one_prompt_at_a_time(tiny_models, family):
+    """decoded_efficacy / _paraphrase / _neighborhood: shares of plain greedy continuations beginning with the
+    new target (edit prompt, paraphrases) or the true one (neighbours). The targets are words the model does say
+    after some prompts, so hits and misses both occur."""
+    handle = tiny_models(family)
+    model, tokenizer = handle.model, handle.tokenizer
+    rewrite = "The Eiffel Tower is located in the city of"
+    paraphrases, neighbours = COUNTERFACT_RECORD["paraphrase_prompts"], COUNTERFACT_RECORD["neighborhood_prompts"]
+    said = {p: oracle_greedy(model, tokenizer, p, 8) for p in [rewrite, *paraphrases, *neighbours]}
+    new = next(w for w in map(first_word, (said[p] for p in paraphrases)) if w)
+    true = next(w for w in map(first_word, (said[p] for p in neighbours)) if w)
+    record = json.loads(json.dumps(COUNTERFACT_RECORD))
+    record["requested_rewrite"]["target_new"]["str"], record["requested_rewrite"]["target_true"]["str"] = new.strip(), true.strip()
+    case = ev.parse_case(record, "counterfact", 0)
+    got = ev.decoded_metrics(handle, case)
+    want = {"decoded_efficacy": float(oracle_begins_with(said[rewrite], new)),
+            "decoded_paraphrase": float(np.mean([oracle_begins_with(said[p], new) for p in paraphrases])),
+            "decoded_neighborhood": float(np.mean([oracle_begins_with(said[p], true) for p in neighbours]))}
+    assert want["decoded_paraphrase"] > 0 and want["decoded_neighborhood"] > 0
+    assert got == pytest.approx(want)
+
+
+def test_generation_entropy_on_hand_worked_texts():
+    """ROME's n-gram entropy: NLTK word tokens, bigram and trigram entropies in bits, weighted 2/3 and 4/3, averaged."""
+    # "a b a b": bigrams (a b) ×2, (b a) ×1; trigrams (a b a), (b a b)
+    bigrams = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert rome_ngram_entropy("a b a b") == pytest.approx((2 / 3 * bigrams + 4 / 3 * 1.0) / 2)
+    # punctuation is a token of its own, and case is kept: 5 distinct tokens, all n-grams distinct
+    assert rome_ngram_entropy("The cat. the cat") == pytest.approx((2 / 3 * 2.0 + 4 / 3 * math.log2(3)) / 2)
+    assert rome_ngram_entropy("word") == 0.0

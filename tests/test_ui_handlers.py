@@ -51,6 +51,7 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     assert list(bars.data[1].y) == [r[3] for r in rows]
     assert "original model" in html and "edited model" in html
     assert "| before |" in metrics and "ES" in metrics and "NS" in metrics
+    assert "decoded ES" in metrics and "decoded PS" in metrics and "decoded NS" in metrics  # beside teacher-forced
     assert len(edits) == 1 and edits[0][1:3] == ["on", "The Eiffel Tower"]
     assert "Model health" in health and "‖ΔW‖/‖W‖" in health
     assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight), "the shared model must stay unedited between requests"
@@ -75,6 +76,17 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
         ui.undo_edit(None, mine)
     with pytest.raises(Exception, match="no active edits"):
         ui.compare_traces("{} is in", "The Eiffel Tower", " Rome", ["hidden"], 2, 2, 3, mine, **QUIET)
+
+
+def test_the_reference_choice_edits_with_every_reference_setting(tiny_app):
+    weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
+    workspace = ui.Workspace()
+    ui.run_edit("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris", "1", "reference settings",
+                "", "", "", workspace, **QUIET)
+    edit = workspace.session.edits[-1]
+    assert edit.method == "rome-original" and edit.stats["settings"] == "reference" and edit.stats["strengthen"] is False
+    assert edit.stats["clamp_factor"] == 4.0 and len(edit.stats["value_losses"]) <= 20
+    assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight)
 
 
 def test_bad_edit_input_is_a_gradio_error_and_changes_nothing(tiny_app, monkeypatch):

@@ -131,7 +131,7 @@ def run_edit(args: argparse.Namespace) -> int:
     """The ``edit`` command: compute an edit, compare before and after, optionally save it."""
     from dataclasses import asdict
 
-    from ..compare import Probes, compare, with_true_target
+    from ..compare import DECODED_METRICS, Probes, compare, with_true_target
     from ..editing import compute_edit, make_request, validate_options
     from ..edits import EditSession, load_edit
     from ..generation import GREEDY, Sampling
@@ -176,6 +176,9 @@ def run_edit(args: argparse.Namespace) -> int:
     print(f"layer {edit.layer}, {edit.method}, {edit.seconds:.1f} s; |dW| = {edit.delta_norm:.3g}", file=sys.stderr)
     print(f"P({request.target_new!r}): {before['target_new_prob']:.4f} -> {after['target_new_prob']:.4f}", file=sys.stderr)
     print(f"P({request.target_true!r}): {before['target_true_prob']:.4f} -> {after['target_true_prob']:.4f}", file=sys.stderr)
+    for name in DECODED_METRICS:
+        if before["decoded"][name] is not None:
+            print(f"{name}: {before['decoded'][name]:.2f} -> {after['decoded'][name]:.2f}", file=sys.stderr)
     for old, new in zip(before["generations"], after["generations"]):
         print(f"{old['prompt']}\n  original: {old['text']!r}\n  edited:   {new['text']!r}", file=sys.stderr)
     for warning in report["warnings"]:
@@ -238,22 +241,21 @@ def run_sequential(args: argparse.Namespace) -> int:
 
 
 def sweep_request(args: argparse.Namespace):
-    """The sweep's request and probes: from ``--case`` (the bundled CounterFact sample) or the typed fields."""
+    """The sweep's request and probes: from ``--case`` (the bundled hand-written cases) or the typed fields."""
     from ..compare import Probes
     from ..editing import make_request
-    from ..evaluate import read_dataset
-    from ..facts import ASSETS
+    from ..evaluate import HANDWRITTEN_CASES, read_dataset
 
     if args.case is not None:
         if args.prompt or args.subject or args.target_new:
             raise InputError("give either --case or --prompt/--subject/--target, not both")
-        cases = {case.case_id: case for case in read_dataset(ASSETS / "counterfact_sample.json")[1]}
+        cases = {case.case_id: case for case in read_dataset(HANDWRITTEN_CASES)[1]}
         if args.case not in cases:
-            raise InputError(f"no case {args.case!r} in the bundled sample; its ids are {min(cases, key=int)} to {max(cases, key=int)}")
+            raise InputError(f"no case {args.case!r} in the bundled hand-written cases; its ids are {min(cases, key=int)} to {max(cases, key=int)}")
         case = cases[args.case]
         return case.request, Probes(case.paraphrases + tuple(args.paraphrase), case.neighborhood + tuple(args.neighborhood))
     if not (args.prompt and args.subject and args.target_new):
-        raise InputError("give --prompt, --subject and --target (or --case ID of the bundled sample)")
+        raise InputError("give --prompt, --subject and --target (or --case ID of the bundled hand-written cases)")
     request = make_request(args.prompt, args.subject, args.target_new, args.target_true)
     return request, Probes(tuple(args.paraphrase), tuple(args.neighborhood))
 

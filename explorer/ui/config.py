@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from ..bounded_cache import BoundedCache
 from ..editing import EditOptions
-from ..facts import ASSETS
 from ..limits import AppLimits
 from ..tracing import TraceOptions
 
 TRACE_DEFAULTS = TraceOptions()  # the controls start at the engine's defaults (the paper's)
-SAMPLE_CASES = ASSETS / "counterfact_sample.json"
 EDIT_OPTIONS = EditOptions()  # the app's edit settings (the paper's); method and layer come from the page
 LIMITS = AppLimits.from_env()
 MAX_LOADED_MODELS = 2  # the app's own model plus one a user loaded; older ones are dropped (sessions keep theirs)

@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 
 import gradio as gr
 
 from .. import plots
 from ..compare import GENERATION_TOKENS, Probes, compare, with_true_target
 from ..editing import compute_edit, make_request, prepare, validate_options
-from ..evaluate import read_dataset
+from ..evaluate import HANDWRITTEN_CASES, read_dataset
 from ..generation import complete
 from ..health import baseline_fluency, model_health, probe_facts
 from ..progress import part_of
 from ..prompts import InputError
 from . import config
-from .config import SAMPLE_CASES
-from .inputs import check_lengths, optional_int, prompt_lines
+from .inputs import check_lengths, edit_options, optional_int, prompt_lines
 from .jobs import JobReport, user_errors
 from .sessions import Workspace, active_rows
 
@@ -30,7 +28,7 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
         raise InputError(f"{len(session.edits)} edits are active, the limit; undo one first")
     handle = session.handle
     request = make_request(prompt, subject, target_new, target_true or None)
-    options = replace(config.EDIT_OPTIONS, method=str(method), layer=optional_int(layer, "layer"))
+    options = edit_options(config.EDIT_OPTIONS, method, optional_int(layer, "layer"))
     validate_options(handle, options)
     check_lengths(handle, (request.filled, request.target_new, request.target_true or ""), "edit prompt and targets")
     probes = Probes(check_lengths(handle, prompt_lines(paraphrases, "paraphrases"), "paraphrases"),
@@ -124,7 +122,7 @@ def complete_prompts(text, workspace: Workspace):
 @functools.lru_cache(maxsize=1)
 def sample_cases() -> tuple:
     """The bundled CounterFact cases, read once per process."""
-    return tuple(read_dataset(SAMPLE_CASES)[1])
+    return tuple(read_dataset(HANDWRITTEN_CASES)[1])
 
 
 def sample_case_labels() -> list[str]:

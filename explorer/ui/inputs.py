@@ -1,15 +1,32 @@
 """Values typed into the page, checked: numbers, prompt lines within the limits, trace settings, fact sets."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from ..editing import METHODS, EditOptions
 from ..facts import load_facts
 from ..models import LoadedModel
 from ..prompts import InputError
 from ..tracing import TraceOptions
 from . import config
+
+# The Edit tab's method menu: the project's methods, and the reference code's every setting (--settings reference).
+REFERENCE_CHOICE = "reference settings"
+METHOD_CHOICES = (*METHODS, REFERENCE_CHOICE)
+
+
+def edit_options(base: EditOptions, choice: object, layer: int | None = None) -> EditOptions:
+    """``base`` with the method menu's choice (and the layer field's value) applied."""
+    choice = str(choice)
+    if choice == REFERENCE_CHOICE:
+        return replace(base, method=None, settings="reference", layer=layer)
+    if choice not in METHODS:
+        raise InputError(f"unknown method {choice!r}: choose one of {', '.join(METHOD_CHOICES)}")
+    return replace(base, method=choice, layer=layer)
+
 
 def optional_int(value: object, what: str) -> int | None:
     """A whole number typed into a text field, None when left empty."""

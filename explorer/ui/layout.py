@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from .. import plots
-from ..editing import METHODS
+from .inputs import METHOD_CHOICES
 from ..facts import load_facts
 from ..model_policy import field_label
 from ..models import DEFAULT_MODEL
@@ -177,7 +177,7 @@ def trace_tab(examples: list[list[str]]) -> TraceTab:
 
 def edit_tab() -> EditTab:
     """The Edit tab's components: the request, before vs after, the active edits, traces and completions to compare."""
-    case = gr.Dropdown(sample_case_labels(), label="Example from the bundled CounterFact sample", value=None)
+    case = gr.Dropdown(sample_case_labels(), label="Example (hand-written in CounterFact's format)", value=None)
     with gr.Row():
         prompt = gr.Textbox(label="Prompt ({} for the subject, or the subject written out)", value="{} is located in the city of", elem_id="edit-prompt")
         subject = gr.Textbox(label="Subject", value="The Eiffel Tower", elem_id="edit-subject")
@@ -186,7 +186,8 @@ def edit_tab() -> EditTab:
     with gr.Row():
         # A text field: Gradio's Number shows an empty value as 0, which is a real layer.
         layer = gr.Textbox(label="Layer (empty: the model's default)", value="", elem_id="edit-layer")
-        method = gr.Dropdown(list(METHODS), value="rome", label="Method")
+        method = gr.Dropdown(list(METHOD_CHOICES), value="rome", label="Method",
+                             info="reference settings: rome-original with every choice the ROME reference code makes")
     with gr.Row():
         paraphrases = gr.Textbox(label="Paraphrases (one per line)", lines=3)
         neighborhood = gr.Textbox(label="Neighbourhood prompts (one per line)", lines=3, value="The Louvre is located in the city of")

@@ -1,7 +1,6 @@
 """The Edit tab's layer sweep: the request's edit at each layer, drawn beside the trace's MLP effect as it comes."""
 from __future__ import annotations
 
-from dataclasses import replace
 
 import gradio as gr
 
@@ -13,7 +12,7 @@ from ..sweep import parse_layers, sweep_layers
 from ..tracing import TraceOptions
 from ..tracing import validate_options as validate_trace_options
 from . import config
-from .inputs import check_lengths, prompt_lines, trace_options
+from .inputs import check_lengths, edit_options, prompt_lines, trace_options
 from .jobs import JobReport, streamed, user_errors
 from .sessions import Workspace
 
@@ -52,7 +51,7 @@ def run_sweep(prompt, subject, target_new, target_true, paraphrases, neighborhoo
     chosen = parse_layers(layers, handle.num_layers)
     trace_settings = trace_options(["mlp"], samples, TraceOptions.window, TraceOptions.noise)
     validate_trace_options(trace_settings, config.LIMITS.trace)
-    options = replace(config.EDIT_OPTIONS, method=str(method))
+    options = edit_options(config.EDIT_OPTIONS, method)
     report = JobReport(workspace, progress)
 
     def work(emit) -> dict:

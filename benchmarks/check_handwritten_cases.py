@@ -1,8 +1,8 @@
 """How many CounterFact cases does the default model know before any edit?
 
-    python benchmarks/check_counterfact_sample.py [PATH] [--keep-known OUT]
+    python benchmarks/check_handwritten_cases.py [PATH] [--keep-known OUT]
 
-PATH (default ``assets/counterfact_sample.json``) is a list of CounterFact records. For each case the
+PATH (default ``assets/handwritten_counterfact_cases.json``) is a list of CounterFact records. For each case the
 teacher-forced mean per-token negative log-likelihood of " " + target_true.str and " " + target_new.str
 is computed after each filled prompt (the prompt is tokenised with the tokenizer's special tokens, i.e.
 Gemma's BOS; the target without). Per case it prints:
@@ -27,7 +27,7 @@ import torch
 
 from explorer.models import load_model
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "counterfact_sample.json"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "handwritten_counterfact_cases.json"
 
 
 @torch.no_grad()
