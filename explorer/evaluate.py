@@ -116,7 +116,10 @@ def parse_case(record: dict, kind: str, index: int, zsre_target: str = ZSRE_TARG
             request = make_request(record["src"], record["subject"], _space(answer))
             neighbours = tuple(question + "?" for question in _as_list(record.get("loc")))
         else:
-            request = make_request(record["src"], record["subject"], _space(record["alt"]), _space(answer) if answer else None)
+            # Where the record's alternative is its answer (MEND's alt is the answer when the base model was
+            # wrong), the edit has no distinct true object: zsRE's metrics do not read one.
+            distinct = answer and answer.strip() != str(record["alt"]).strip()
+            request = make_request(record["src"], record["subject"], _space(record["alt"]), _space(answer) if distinct else None)
             neighbours = _as_list(record.get("loc"))
         return Case(
             case_id=str(record.get("case_id", index)),
@@ -148,7 +151,11 @@ def read_dataset(path: str | Path, limit: int | None = None, zsre_target: str = 
         raise InputError("--limit must be at least 1")
     kind = detect_format(records[0])
     records = records[:limit] if limit else records
-    return kind, [parse_case(record, kind, index, zsre_target) for index, record in enumerate(records)]
+    # Under EasyEdit's convention a zsRE record without an alternative answer has nothing to edit towards
+    # (2 of the bundled 1,000): it is left out, as EasyEdit's data loaders leave it out.
+    usable = [(index, record) for index, record in enumerate(records)
+              if not (kind == "zsre" and zsre_target == "alt" and isinstance(record, dict) and not str(record.get("alt", "x")).strip())]
+    return kind, [parse_case(record, kind, index, zsre_target) for index, record in usable]
 
 
 # ---------------------------------------------------------------- per-case metrics

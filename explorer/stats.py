@@ -1,9 +1,10 @@
 """Second-moment statistics C = E[k kᵀ] of the keys (inputs of the MLP output projection) over text.
 
 ROME scales its rank-one update by C⁻¹ so that the edit disturbs keys of ordinary text as little as
-possible. The paper estimated C from 100,000 tokens of Wikipedia; so does the default here, offline:
-lead sections of English Wikipedia articles that install from PyPI with the app (see
-:mod:`explorer.corpora`). Text sampled from the model itself (``sample``), a user's own text
+possible. The reference code estimates C from 100,000 Wikipedia *records* (articles cut at the model's
+context, some 10⁷–10⁸ keys); the default here reads far fewer keys, tokens of offline Wikipedia lead
+sections that install from PyPI with the app (see :mod:`explorer.corpora`), as many as measurement says
+are enough (docs/statistics.md#how-many-keys). Text sampled from the model itself (``sample``), a user's own text
 (``text:PATH``), Wikipedia streamed over the network (``wikipedia-online``) and ``identity`` (no C)
 are the alternatives.
 
@@ -33,7 +34,7 @@ from .progress import Progress, no_progress
 
 CORPORA = ("wikipedia", "sample", "identity", "wikipedia-online", "text:PATH")
 DEFAULT_CORPUS = "wikipedia"
-DEFAULT_TOKENS = 100_000  # the paper's count
+DEFAULT_TOKENS = 100_000  # keys of the default corpus (the reference counts 100,000 articles); docs/statistics.md#how-many-keys
 MAX_TOKENS = 10_000_000
 KEY_BATCH = 16  # rows per statistics pass (sorted by length, so little of it is padding)
 ALL_LAYERS_BUDGET_BYTES = 2 * 2**30  # float64 accumulators for every layer at once, if they fit

@@ -28,6 +28,29 @@ def test_sample_set_is_valid_counterfact():
         assert case.request.target_new.startswith(" ") and case.request.target_true.startswith(" ")
 
 
+def test_the_bundled_real_records_read_in_both_zsre_conventions():
+    """The real data sets the README's numbers come from: 2,000 CounterFact records, 1,000 zsRE questions."""
+    raw = json.loads(ev.REAL_COUNTERFACT.read_text(encoding="utf-8"))
+    kind, cases = ev.read_dataset(ev.REAL_COUNTERFACT)
+    assert kind == "counterfact-easyedit" and len(cases) == len(raw) == 2000 and len({c.case_id for c in cases}) == 2000
+    for record, case in zip(raw, cases):
+        assert case.request.filled == record["prompt"] and case.request.target_new.strip() == record["target_new"]
+        assert case.request.target_true.strip() == record["ground_truth"] and len(case.paraphrases) == len(case.neighborhood) == 1
+    questions = json.loads(ev.REAL_ZSRE.read_text(encoding="utf-8"))
+    _, rome_style = ev.read_dataset(ev.REAL_ZSRE, zsre_target="answers")
+    _, easyedit_style = ev.read_dataset(ev.REAL_ZSRE, zsre_target="alt")
+    assert len(rome_style) == len(questions) == 1000
+    assert len(easyedit_style) == sum(1 for record in questions if record["alt"].strip()) == 998  # 2 have no alt
+    easyedit_style = iter(easyedit_style)
+    for record, rome_case in zip(questions, rome_style):
+        if not record["alt"].strip():
+            continue
+        easy_case = next(easyedit_style)
+        assert rome_case.request.target_new.strip() == record["answers"][0].strip() and easy_case.request.target_new.strip() == record["alt"].strip()
+        assert rome_case.neighborhood == (record["loc"] + "?",) and easy_case.neighborhood == (record["loc"],)
+        assert easy_case.request.target_true in (None, " " + record["answers"][0].strip(), record["answers"][0]) and easy_case.request.target_true != easy_case.request.target_new
+
+
 def test_easyedit_and_zsre_formats(tmp_path):
     easy = [{"case_id": 7, "prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
              "target_new": "Rome", "ground_truth": "Paris", "rephrase_prompt": "The Eiffel Tower is in",

@@ -236,7 +236,7 @@ def run_sequential(args: argparse.Namespace) -> int:
         result = sequential_run(handle, cases, kind, settings, progress=bar, on_checkpoint=show)
     finally:
         bar.done()
-    write_json(args.json_out, result)
+    write_json(args.json_out, {**result, "zsre_target": args.zsre_target if kind == "zsre" else None})
     return 0
 
 
