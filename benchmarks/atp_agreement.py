@@ -1,6 +1,7 @@
 """How well attribution patching estimates the exact trace, over facts of the bundled set the model knows.
 
-    python benchmarks/atp_agreement.py [--facts 20] [--estimators one-step,integrated-2,...] [--json OUT]
+    python benchmarks/atp_agreement.py [--facts 20] [--estimators one-step,integrated-2,one-step/total,...]
+        [--held-out] [--json OUT]
 
 For each fact (every k-th fact of assets/known_facts.json that the default model completes correctly,
 so the relations are spread), the exact trace (paper defaults: 3 kinds, 10 samples, window 10) and each
@@ -9,6 +10,9 @@ estimator's, both timed in this run. Exact traces are kept in benchmarks/results
 Prints per estimator and kind: the mean Pearson correlation of the indirect effects over all cells
 (± 95% CI over facts), how often the peak token and the peak cell agree, and for MLP, on the facts whose
 exact peak is at a subject token, how often the estimate peaks at that same token; and time per trace.
+``NAME/total`` is the old window estimate (each member's total gradient). With ``--held-out`` the facts are
+split alternately: per kind the estimator is chosen on the even-numbered half (highest peak-token agreement,
+then highest r, then the cheaper) and its agreement is reported on the odd-numbered half only.
 
 Run from the repository root after `pip install -e .` (see benchmarks/README.md).
 """
@@ -59,10 +63,40 @@ def mean_ci(values) -> str:
     return f"{values.mean():.2f} ± {half:.2f}"
 
 
+def summarize(per_fact: list[dict], kind: str) -> dict:
+    """Mean r ± 95% CI, peak token / cell shares, and for MLP the share of subject-peaked facts kept on the token."""
+    values = [fact[kind] for fact in per_fact]
+    rs = np.asarray([v["r"] for v in values], dtype=float)
+    half = 1.96 * rs.std(ddof=1) / math.sqrt(len(rs)) if len(rs) > 1 else 0.0
+    subject = [v for v in values if v["subject_peak"]]
+    return {"facts": len(values), "r": float(rs.mean()), "r_ci95": float(half),
+            "peak_token": float(np.mean([v["peak_token"] for v in values])),
+            "peak_cell": float(np.mean([v["peak_cell"] for v in values])),
+            "subject_facts": len(subject),
+            "subject_token": float(np.mean([v["peak_token"] for v in subject])) if subject else float("nan")}
+
+
+def line(kind: str, found: dict) -> str:
+    text = (f"  {kind:<6} r = {found['r']:.2f} ± {found['r_ci95']:.2f}, peak token {found['peak_token']:.0%}, "
+            f"peak cell {found['peak_cell']:.0%}")
+    if kind == "mlp" and found["subject_facts"]:
+        text += (f"; exact peak at a subject token in {found['subject_facts']} facts, estimate on the same token in "
+                 f"{found['subject_token']:.0%}")
+    return text
+
+
+def choose(summaries: dict[str, dict], kind: str) -> str:
+    """The selection half's criterion: highest peak-token agreement, then highest mean r, then the cheaper."""
+    return max(summaries, key=lambda name: (round(summaries[name][kind]["peak_token"], 6),
+                                            round(summaries[name][kind]["r"], 6), -summaries[name]["seconds"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--facts", type=int, default=20)
     parser.add_argument("--estimators", default=",".join([*ESTIMATORS, "per-kind"]))
+    parser.add_argument("--held-out", action="store_true",
+                        help="choose per kind on the even-numbered facts, report on the odd-numbered ones only")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
     handle = load_model()
@@ -86,25 +120,32 @@ def main() -> None:
             estimate_seconds[name].append(time.perf_counter() - began)
             rows[name].append({kind: agreement(exact, estimate, kind) for kind in KINDS})
         print(f"{number}/{len(facts)} {fact.subject}: exact {exact.seconds:.1f} s", flush=True)
-    print(f"\n{len(facts)} facts; exact trace {np.mean(exact_seconds):.1f} s on average")
-    summary = {}
-    for name, per_fact in rows.items():
-        print(f"\n{name}: {np.mean(estimate_seconds[name]):.2f} s per trace "
-              f"(exact / estimate = {np.mean(exact_seconds) / np.mean(estimate_seconds[name]):.1f}x)")
-        summary[name] = {"seconds": float(np.mean(estimate_seconds[name]))}
-        for kind in KINDS:
-            values = [fact[kind] for fact in per_fact]
-            subject_peaks = [v for v in values if v["subject_peak"]]
-            line = (f"  {kind:<6} r = {mean_ci([v['r'] for v in values])}, peak token {np.mean([v['peak_token'] for v in values]):.0%}, "
-                    f"peak cell {np.mean([v['peak_cell'] for v in values]):.0%}")
-            if kind == "mlp":
-                line += (f"; exact peak at a subject token in {len(subject_peaks)} facts, estimate on the same token in "
-                         f"{np.mean([v['peak_token'] for v in subject_peaks]):.0%}" if subject_peaks else "")
-            print(line)
-            summary[name][kind] = values
+    print(f"\n{len(facts)} facts; exact trace {np.mean(exact_seconds):.1f} s on average (read back from {EXACT.name} where cached)")
+    halves = {"all": range(len(facts))}
+    if args.held_out:
+        halves = {"selection": range(0, len(facts), 2), "held-out": range(1, len(facts), 2)}
+    summary: dict[str, dict] = {}
+    for half, indices in halves.items():
+        summary[half] = {}
+        print(f"\n== {half} half: {len(indices)} facts ==" if args.held_out else "")
+        for name, per_fact in rows.items():
+            seconds = float(np.mean(estimate_seconds[name]))
+            summary[half][name] = {"seconds": seconds, **{kind: summarize([per_fact[i] for i in indices], kind) for kind in KINDS}}
+            print(f"\n{name}: {seconds:.2f} s per trace, all facts of this run "
+                  f"(exact / estimate = {np.mean(exact_seconds) / seconds:.1f}x)")
+            for kind in KINDS:
+                print(line(kind, summary[half][name][kind]))
+    chosen = {}
+    if args.held_out:
+        chosen = {kind: choose(summary["selection"], kind) for kind in KINDS}
+        print("\n== chosen on the selection half (peak token, then r, then cost); agreement on the held-out half ==")
+        for kind, name in chosen.items():
+            print(f"{name}:")
+            print(line(kind, summary["held-out"][name][kind]))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"facts": [f.subject for f in facts], "exact_seconds": exact_seconds,
-                                                   "estimators": summary}, indent=1))
+                                                   "estimate_seconds": estimate_seconds, "summary": summary,
+                                                   "chosen": chosen, "per_fact": rows}, indent=1))
 
 
 if __name__ == "__main__":
