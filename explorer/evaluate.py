@@ -22,7 +22,7 @@ from .edits import EditRequest, EditSession
 from .generation import Sampling, continuation_ids
 from .metrics import harmonic_mean, mean_ci95, ngram_entropy, rewrite_scores, rome_generation_text, rome_ngram_entropy
 from .models import LoadedModel
-from .prompts import InputError
+from .prompts import InputError, read_json_input
 from .scoring import score_targets
 from .progress import Progress, no_progress, part_of
 
@@ -139,12 +139,7 @@ def read_dataset(path: str | Path, limit: int | None = None, zsre_target: str = 
     if zsre_target not in ZSRE_TARGETS:
         raise InputError(f"unknown zsRE convention {zsre_target!r}: use one of {', '.join(ZSRE_TARGETS)}")
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"data set {path} does not exist")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} is not JSON ({error.__class__.__name__}); give a data set in one of the known formats") from None
+    records = read_json_input(path, f"data set {path}", "a data set in one of the known formats")
     if not isinstance(records, list) or not records:
         raise InputError(f"{path}: expected a non-empty JSON list of records")
     if limit is not None and limit < 1:

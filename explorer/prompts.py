@@ -1,10 +1,12 @@
 """Prompts, subjects and their token positions: validation and tokenisation shared by every engine."""
 from __future__ import annotations
 
+import json
 import numbers
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -45,6 +47,18 @@ def clean_text(value: object, what: str, allow_empty: bool = False) -> str:
     if not allow_empty and not value.strip():
         raise InputError(f"{what} is empty; type some text")
     return value
+
+
+def read_json_input(path: str | Path, label: str, wanted: str) -> object:
+    """The JSON in a file a user named; a missing file or one that is not JSON is an :class:`InputError`
+    that names it (``label``, e.g. "--prefixes-file x.json") and says what to give instead (``wanted``)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"{label} does not exist")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{label} is not JSON ({error.__class__.__name__}); give {wanted}") from None
 
 
 def is_whole_number(value: object) -> bool:

@@ -295,6 +295,31 @@ def test_edit_reports_saves_and_reapplies(tiny_folder, tmp_path):
     assert json.loads((tmp_path / "s.json").read_text())["edits_applied_first"] == 2
 
 
+def test_edit_takes_templates_and_c_from_files_for_a_comparison(tiny_folder, tmp_path):
+    """--prefixes-file and --stats-file (a runningstats .npz) reach the edit: its report names the file, and a
+    second run with the same files gives the same ΔW; a template file with two slots is refused."""
+    templates = tmp_path / "templates.json"
+    templates.write_text(json.dumps(["{}", "The city is large. {}"]))
+    width = 256  # the tiny GPT-2's MLP width
+    keys = np.random.default_rng(0).standard_normal((400, width))
+    np.savez(tmp_path / "c.npz", **{"mom2.mom2": (keys.T @ keys + 40 * np.eye(width)).astype(np.float32), "mom2.count": np.array(400)})
+    common = ("edit", "--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target", " Rome",
+              "--target-true", " Paris", "--model", str(tiny_folder), "--layer", "1", "--settings", "reference",
+              "--prefixes-file", str(templates), "--stats-file", str(tmp_path / "c.npz"))
+    for name in ("a", "b"):
+        out = _run(*common, "--save-edit", str(tmp_path / f"{name}.npz"), "--json", str(tmp_path / f"{name}.json"), one_thread=True)
+        assert out.returncode == 0, out.stderr
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["settings"] == "reference" and data["method"] == "rome-original" and data["stats"]["corpus"] == f"file:{tmp_path / 'c.npz'}"
+    assert data["stats"]["samples"] == 400 and data["stats"]["strengthen"] is False
+    assert set(data["metrics"]["after"]) >= {"ES", "decoded_efficacy", "decoded_paraphrase", "decoded_neighborhood"}
+    first, second = (np.load(tmp_path / f"{name}.npz") for name in ("a", "b"))
+    assert np.array_equal(first["left"], second["left"]) and np.array_equal(first["right"], second["right"])
+    templates.write_text(json.dumps(["{}", "{} and {}"]))
+    out = _run(*common, one_thread=True)
+    assert out.returncode == 2 and "error:" in out.stderr.strip().splitlines()[-1], out.stderr
+
+
 EDIT_BASE = ["edit", "--prompt", "{} is in", "--subject", "Paris", "--target", " Rome"]
 
 
@@ -340,6 +365,9 @@ def test_severed_inputs_are_all_kept_or_refused(capsys):
         (("--apply-edit", "/no/such.npz"), "not a saved edit"),
         (("--clamp-factor", "-1"), "clamp_factor must be a number"),
         (("--loss-stop", "nan"), "loss_stop must be a number"),
+        (("--settings", "reference", "--method", "ft"), "reference"),
+        (("--prefixes-file", "/no/such.json"), "--prefixes-file /no/such.json does not exist"),
+        (("--stats-file", "/no/such.npz"), "does not exist"),
     ],
 )
 def test_edit_bad_input_exits_2_with_one_line(tiny_folder, args, message):

@@ -6,10 +6,9 @@ the app and the Python API.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..prompts import InputError
+from ..prompts import InputError, read_json_input
 
 REPEATABLE = "repeatable: each flag adds to the list, e.g. --{name} A B --{name} C gives A, B, C"
 
@@ -267,12 +266,6 @@ def read_templates_file(path: str) -> tuple[str, ...]:
     """The context templates of a --prefixes-file: a JSON list of texts, each with one {}."""
     from ..editing import validate_templates
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise InputError(f"--prefixes-file {path} does not exist")
-    try:
-        templates = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"--prefixes-file {path} is not JSON ({error.__class__.__name__}); give a list of templates") from None
+    templates = read_json_input(path, f"--prefixes-file {path}", "a list of templates")
     validate_templates(templates)
     return tuple(templates)
