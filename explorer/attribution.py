@@ -4,14 +4,14 @@ Restoring a cell replaces corrupted states s with clean ones s'; to first order 
 then changes by ∇ₛp · (s' − s) (Nanda 2023, "Attribution patching"). A window kind restores one output per
 layer of its window together: to first order that is Σⱼ ∂p/∂sⱼ · Δsⱼ with each member's gradient taken with
 the other members held fixed (a restored member no longer depends on the earlier ones), got by cutting the
-members' outputs from their inputs in the backward pass; summing the members' *total* gradients, as before,
+members' outputs from their inputs in the backward pass; summing the members' *total* gradients instead
 counts the paths from one member through a later one twice (kept as the ``/total`` estimators). The cut is
 made at every token, which is exact for a window restored at every token and an approximation for a cell,
 which restores one token (docs/attribution.md). Where the corrupted run is saturated its gradient says
 little; averaging the gradients along the path from the corrupted input to the clean one is integrated
 gradients (Sundararajan et al. 2017; for circuit edges EAP-IG, Hanna et al. 2024). AtP* (Kramár et al. 2024)
 fixes saturation differently (recomputing attention's softmax, "QK fix", and GradDrop), not implemented
-here. Which estimator serves each kind was chosen on half of the bundled facts and judged on the other half
+here. Which estimator serves each kind was chosen on 10 known facts of the bundled set and judged on 10 others
 (docs/attribution.md). Estimates are scores on the trace's scale: low_score plus the estimated effect.
 """
 from __future__ import annotations

@@ -142,7 +142,7 @@ def test_sequential_command_writes_its_json_and_refuses_bad_input(tmp_path):
                   "--steps", "2", "--model", str(folder), "--json", str(tmp_path / "run.json"), one_thread=True)
     assert out.returncode == 0, out.stderr
     run = json.loads((tmp_path / "run.json").read_text())
-    assert set(run) == {"cases", "method", "settings", "layer", "every", "probes", "checkpoints", "edits"}
+    assert set(run) == {"cases", "method", "settings", "zsre_target", "layer", "every", "probes", "checkpoints", "edits"}
     assert run["cases"] == 3 and [point["edits"] for point in run["checkpoints"]] == [0, 2, 3]
     assert set(run["checkpoints"][-1]) == {"edits", "ES", "PS", "NS", "probe_retained", "fluency", "relative_norm", "seconds",
                                            "warnings"}

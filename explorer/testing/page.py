@@ -10,7 +10,15 @@ TIMEOUT_MS = 240_000
 
 
 def fill(page, elem_id: str, text: str) -> None:
-    page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(text)
+    """Type ``text`` into a field; typed again if the field was drawn anew meanwhile (an accordion just
+    opened can re-render its fields and drop what was typed)."""
+    field = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    for _attempt in range(3):
+        field.fill(text)
+        page.wait_for_timeout(100)
+        if field.input_value() == text:
+            return
+    raise AssertionError(f"the field #{elem_id} would not keep {text!r}")
 
 
 # Gradio drops a click on a button while that button's last job is still pending (its trigger mode "once"): a
