@@ -191,8 +191,6 @@ def generation_metrics(handle: LoadedModel, case: Case, seed: int) -> dict:
     return {"fluency": float(np.mean(fluency)), "GE": float(np.mean(ge))}
 
 
-
-
 def decoded_metrics(handle: LoadedModel, case: Case) -> dict:
     """Decoded success on the case's edit prompt, paraphrases and neighbours (:func:`compare.decoded_success`)."""
     return decoded_success(handle, case.request, case.paraphrases, case.neighborhood)

@@ -249,9 +249,7 @@ def edit_options(args: argparse.Namespace):
         steps=args.steps, clamp_factor=args.clamp_factor, loss_stop=args.loss_stop, strengthen=args.strengthen,
         templates=read_templates_file(args.prefixes_file) if args.prefixes_file else None, stats_file=args.stats_file,
     )
-    validate_choices(options)
-    if options.stats_file is not None and not Path(options.stats_file).expanduser().is_file():
-        raise InputError(f"--stats-file {options.stats_file} does not exist")
+    validate_choices(options)  # includes that a --stats-file exists
     return options
 
 

@@ -130,6 +130,13 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def chosen_prefixes(options: EditOptions):
+    """The (tokens, how many) pairs of context prefixes ``options`` ask for, else their settings' own."""
+    if options.prefixes is not None:
+        return options.prefixes
+    return REFERENCE_SETTINGS["prefixes"] if options.settings == "reference" else PROJECT_PREFIXES
+
+
 def resolved_method(options: EditOptions) -> str:
     """The method ``options`` ask for: theirs, else their settings' (rome, or rome-original for reference)."""
     if options.method is not None:
@@ -165,7 +172,7 @@ def validate_choices(options: EditOptions) -> None:
     for name, value in numbers.items():
         if not (_is_number(value) and value >= 0):
             raise InputError(f"{name} must be a number, 0 or more")
-    prefixes = PROJECT_PREFIXES if options.prefixes is None else options.prefixes
+    prefixes = chosen_prefixes(options)
     if not (
         isinstance(prefixes, (tuple, list))
         and all(isinstance(p, (tuple, list)) and len(p) == 2 and all(is_whole_number(n) for n in p) for p in prefixes)
@@ -221,8 +228,7 @@ def resolve_settings(handle: LoadedModel, options: EditOptions, layer: int) -> E
         loss_stop=resolved_setting(handle, options, "loss_stop"),
     )
     reference = options.settings == "reference"
-    prefixes = options.prefixes if options.prefixes is not None else (
-        REFERENCE_SETTINGS["prefixes"] if reference else PROJECT_PREFIXES)
+    prefixes = chosen_prefixes(options)
     strengthen = options.strengthen if options.strengthen is not None else not reference
     return EditSettings(
         method=resolved_method(options),
