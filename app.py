@@ -5,7 +5,7 @@ Gradio reads GRADIO_SERVER_NAME / GRADIO_SERVER_PORT and binds to 127.0.0.1 with
 """
 from __future__ import annotations
 
-from explorer.ui import launch
+from explorer.app.ui import launch
 
 if __name__ == "__main__":
     launch()

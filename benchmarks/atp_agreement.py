@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from explorer.aggregate import predicts
-from explorer.attribution import ESTIMATORS, estimate_trace
-from explorer.attribution import agreement as compare
-from explorer.export import trace_from_json, trace_to_json
-from explorer.facts import load_facts
-from explorer.models import load_model
+from explorer.core.facts import load_facts
+from explorer.core.models import load_model
+from explorer.core.scoring import predicts
 from explorer.tracing import KINDS, TraceOptions, trace
+from explorer.tracing.attribution import ESTIMATORS, estimate_trace
+from explorer.tracing.attribution import agreement as compare
+from explorer.tracing.export import trace_from_json, trace_to_json
 
 EXACT = Path(__file__).resolve().parent / "results" / "atp_exact_traces.json"
 

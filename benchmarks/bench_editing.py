@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from explorer.editing import EditOptions, compute_edit, make_request
-from explorer.edits import EditSession
-from explorer.models import load_model
-from explorer.scoring import target_probabilities
-from explorer.stats import StatsSpec
+from explorer.core.models import load_model
+from explorer.core.scoring import target_probabilities
+from explorer.editing import EditOptions, edit_fact, make_request
+from explorer.editing.edits import EditSession
+from explorer.editing.statistics import StatsSpec
 
 REQUESTS = [
     ("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris"),
@@ -47,7 +47,7 @@ def main() -> None:
           + f"{'steps':>7}{'P(new) before -> after':>26}")
     for prompt, subject, new, true in REQUESTS[: args.repeat]:
         request = make_request(prompt, subject, new, true)
-        edit = compute_edit(handle, request, options)
+        edit = edit_fact(EditSession(handle), request, options)
         session = EditSession(handle)
         before = target_probabilities(handle, [request.filled], new)[0]
         session.add(edit)

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from explorer.models import cache_root, default_model_folder
+from explorer.core.models import cache_root, default_model_folder
 from explorer.testing.app_server import running_app
 
 REPO = Path(__file__).resolve().parent.parent

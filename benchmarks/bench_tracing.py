@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from explorer.models import load_model
+from explorer.core.models import load_model
 from explorer.testing import oracle
 from explorer.tracing import TraceOptions, trace
 

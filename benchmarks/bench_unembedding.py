@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from explorer.models import load_model
+from explorer.core.models import load_model
 from explorer.tracing import VOCAB_BLOCK, answer_probabilities
 
 

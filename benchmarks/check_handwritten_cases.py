@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from explorer.models import load_model
+from explorer.core.models import load_model
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "handwritten_counterfact_cases.json"
 

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from explorer.core.models import load_model
 from explorer.editing import EditOptions
-from explorer.evaluate import EvaluationSettings, evaluate, read_dataset
-from explorer.models import load_model
-from explorer.stats import StatsSpec
+from explorer.editing.statistics import StatsSpec
+from explorer.studies.evaluate import EvaluationSettings, evaluate, read_dataset
 
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "handwritten_counterfact_cases.json"
 

@@ -1,7 +1,7 @@
 """Does the layer tracing points to give the best edit? Layer sweeps of bundled CounterFact cases on the default model.
 
 For each case: the MLP indirect effect at the last subject token per layer (the trace) and the same ROME edit
-at every layer, scored on the case's own prompts (``explorer.sweep``). Reported: the traced peak and the
+at every layer, scored on the case's own prompts (``explorer.studies.sweep``). Reported: the traced peak and the
 best layer per case, the correlation between them over cases (Pearson, with a bootstrap 95% interval), the
 per-case rank correlation between the effect and the edit score over layers (mean, with a bootstrap
 interval), and the seconds per sweep (the first case's includes the one-pass key statistics of all layers
@@ -17,13 +17,13 @@ import time
 
 import numpy as np
 
-from explorer.compare import Probes
+from explorer.core.facts import ASSETS
+from explorer.core.models import load_model
 from explorer.editing import EditOptions
-from explorer.edits import EditSession
-from explorer.evaluate import read_dataset
-from explorer.facts import ASSETS
-from explorer.models import load_model
-from explorer.sweep import sweep_layers
+from explorer.editing.edits import EditSession
+from explorer.studies.compare import Probes
+from explorer.studies.evaluate import read_dataset
+from explorer.studies.sweep import sweep_layers
 
 BOOTSTRAP = 10_000
 
@@ -65,7 +65,10 @@ def main() -> None:
         print(f"case {case.case_id} ({case.request.subject}): traced peak {result['peak_layer']}, best edit {result['best_layer']}, "
               f"rank correlation {per_case[-1]['rank_correlation']:.2f}, {seconds:.0f} s", flush=True)
     pairs = np.array([(c["peak_layer"], c["best_layer"]) for c in per_case], dtype=float)
-    pearson = lambda rows: float(np.corrcoef(rows[:, 0], rows[:, 1])[0, 1]) if np.ptp(rows[:, 0]) and np.ptp(rows[:, 1]) else np.nan
+
+    def pearson(rows):
+        return float(np.corrcoef(rows[:, 0], rows[:, 1])[0, 1]) if np.ptp(rows[:, 0]) and np.ptp(rows[:, 1]) else np.nan
+
     within = np.array([c["rank_correlation"] for c in per_case])
     summary = {
         "cases": len(per_case),

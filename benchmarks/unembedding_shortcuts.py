@@ -24,8 +24,8 @@ import argparse
 import torch
 
 from explorer import tracing
+from explorer.core.models import load_model
 from explorer.tracing import scheduling
-from explorer.models import load_model
 
 
 def traced_final_states(handle, prompt: str, subject: str) -> torch.Tensor:

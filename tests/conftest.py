@@ -78,7 +78,7 @@ def build_tiny(family: str, seed: int = 0):
     """A :class:`LoadedModel` of a tiny random ``family`` model, through the package's own preparation."""
     from transformers import AutoModelForCausalLM
 
-    from explorer.models import prepare
+    from explorer.core.models import prepare
 
     tokenizer = _tiny_tokenizer(with_bos=family in WITH_BOS)
     torch.manual_seed(seed)
@@ -136,6 +136,6 @@ def traced_scores(trace_output) -> dict:
 @pytest.fixture(scope="session")
 def default_model():
     """The embedded default model, loaded through the real loader and cache."""
-    from explorer.models import load_model
+    from explorer.core.models import load_model
 
     return load_model()

@@ -1,6 +1,6 @@
 import numpy as np
 
-from explorer.aggregate import CATEGORIES, category_rows, mean_ci
+from explorer.tracing.aggregate import CATEGORIES, category_rows, mean_ci
 
 
 def test_categories_follow_the_paper():

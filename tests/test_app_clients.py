@@ -171,9 +171,9 @@ def test_compare_traces_the_original_and_the_edited_model(app_url):
 @pytest.fixture(scope="module")
 def fact_file(served, tmp_path_factory):
     """A fact set of three: two the tiny model completes (their attribute relabelled to its own answer), one it does not."""
-    from explorer.aggregate import predicts, top_prediction
-    from explorer.facts import ASSETS, parse_facts
-    from explorer.models import load_model
+    from explorer.core.facts import ASSETS, parse_facts
+    from explorer.core.models import load_model
+    from explorer.core.scoring import predicts, top_prediction
 
     handle = load_model(str(served[1]))  # the served folder, through the same loader as the app
     records = json.loads((ASSETS / "known_facts.json").read_text(encoding="utf-8"))

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from explorer import hooks
-from explorer.architectures import UnsupportedModelError, architecture_for
+from explorer.core import hooks
+from explorer.core.architectures import UnsupportedModelError, architecture_for
 from tests.conftest import FAMILIES, build_tiny
 
 PROMPT = "The Eiffel Tower is located in the city of"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from explorer import cli
-from explorer.attribution import ESTIMATORS, agreement, estimate_trace
 from explorer.tracing import KINDS, TraceOptions, trace
+from explorer.tracing.attribution import ESTIMATORS, agreement, estimate_trace
 from tests.conftest import build_tiny
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
@@ -39,7 +39,7 @@ def restored_window_effect(handle, runs, kind: str, layers) -> float:
 
     import torch
 
-    from explorer import hooks
+    from explorer.core import hooks
 
     with torch.no_grad(), contextlib.ExitStack() as stack:
         for layer in layers:
@@ -88,7 +88,7 @@ def test_trace_command_with_method_atp_writes_the_estimate(tmp_path):
 
 
 def test_bad_options_are_the_traces_clear_errors():
-    from explorer.prompts import InputError
+    from explorer.core.errors import InputError
 
     handle = build_tiny("gpt2")
     with pytest.raises(InputError, match="unknown kind 'nonsense'"):

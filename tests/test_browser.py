@@ -5,12 +5,24 @@ from pathlib import Path
 
 import pytest
 
+from explorer.testing.page import (
+    EDIT_COUNT,
+    PROMPT,
+    SUBJECT,
+    TIMEOUT_MS,
+    caption,
+    edit,
+    edit_count,
+    fill,
+    set_samples,
+    sweep,
+    tick_labels,
+    trace,
+    wait_for_health,
+    wait_until_idle,
+)
 from tests.app_server import CHROMIUM, launch_browser, running_app
 from tests.app_server import tiny_app as serving_tiny
-from explorer.testing.page import (
-    EDIT_COUNT, PROMPT, SUBJECT, TIMEOUT_MS, caption, edit, edit_count, fill, set_samples, sweep, tick_labels, trace,
-    wait_for_health, wait_until_idle,
-)
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run installs it)")
 
@@ -52,7 +64,7 @@ def browser(tmp_path):
 
 
 def expected_labels(folder_or_tokenizer, prompt: str, subject: str) -> list[str]:
-    from explorer.prompts import tokenize_prompt
+    from explorer.core.prompts import tokenize_prompt
 
     tokenized = tokenize_prompt(folder_or_tokenizer, prompt, subject)
     start, end = tokenized.subject_range

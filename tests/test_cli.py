@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from explorer.cli.arguments import build_parser, trace_options as _options
+from explorer.cli.arguments import build_parser
+from explorer.cli.arguments import trace_options as _options
 from tests.conftest import REPO, one_torch_thread, run_cli, save_tiny
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -337,7 +338,10 @@ def test_list_flags_add_up_when_repeated(flag, dest):
 
 def test_kinds_add_up_when_repeated():
     parser = build_parser()
-    kinds = lambda *argv: _options(parser.parse_args(["trace", PROMPT, *argv])).kinds
+
+    def kinds(*argv):
+        return _options(parser.parse_args(["trace", PROMPT, *argv])).kinds
+
     assert kinds() == ("hidden", "mlp", "attn")
     assert kinds("--kinds", "mlp") == ("mlp",)
     assert kinds("--kinds", "attn", "--samples", "2", "--kinds", "hidden,mlp") == ("attn", "hidden", "mlp")

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from explorer import stats
-from explorer.editing import EditOptions, compute_edit, make_request
-from explorer.edits import EditSession
-from explorer import models
-from explorer.models import load_model, model_fingerprint, own_weights
-from explorer.scoring import target_probabilities
-from explorer.stats import StatsSpec
+from explorer.core import models
+from explorer.core.models import load_model, model_fingerprint
+from explorer.core.scoring import target_probabilities
+from explorer.editing import EditOptions, edit_fact, make_request
+from explorer.editing import statistics as stats
+from explorer.editing.edits import EditSession
+from explorer.editing.statistics import StatsSpec
 from explorer.tracing import KINDS, TraceOptions, trace, trace_severed
 from tests.conftest import CORPUS, build_tiny
 
@@ -139,7 +139,7 @@ def test_edits_match_the_plain_load_and_undo_restores_every_weight(loads, tmp_pa
 
     edits = {}
     for name, handle in (("plain", plain), ("dispatched", dispatched)):
-        edits[name] = [compute_edit(handle, REQUEST, rome), compute_edit(handle, REQUEST, ft)]
+        edits[name] = [edit_fact(EditSession(handle), REQUEST, rome), edit_fact(EditSession(handle), REQUEST, ft)]
     for expected, got in zip(edits["plain"], edits["dispatched"]):
         assert got.model == expected.model and got.weight_shape == expected.weight_shape
         assert got.weight_norm == pytest.approx(expected.weight_norm, rel=1e-6)
@@ -157,7 +157,7 @@ def test_edits_match_the_plain_load_and_undo_restores_every_weight(loads, tmp_pa
             session.add(edit)
         with session.applied():
             edited[name] = target_probabilities(handle, SCORED, REQUEST.target_new)
-            with own_weights(handle):  # values derived from the model see its own weights, also when offloaded
+            with handle.weights.own():  # values derived from the model see its own weights, also when offloaded
                 np.testing.assert_allclose(target_probabilities(handle, SCORED, REQUEST.target_new), unedited, atol=1e-6, rtol=0)
             np.testing.assert_allclose(target_probabilities(handle, SCORED, REQUEST.target_new), edited[name], atol=0, rtol=0)
         session.undo()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_tiny, one_torch_thread
-from explorer.editing import EditOptions, compute_edit, make_request
-from explorer.stats import StatsSpec
+
+from explorer.editing import EditOptions, EditSession, edit_fact, make_request
+from explorer.editing.statistics import StatsSpec
 from explorer.testing.edit_oracle import OracleSettings, oracle_rome
 
 LAYER = 1
@@ -82,7 +82,7 @@ def test_edit_equals_the_oracle(tiny, case, tmp_path):
     with one_torch_thread():
         plain = _hard_request(handle)
         request = make_request(plain["prompt"], plain["subject"], plain["target_new"], plain["target_true"])
-        edit = compute_edit(handle, request, options)
+        edit = edit_fact(EditSession(handle), request, options)
         want = oracle_rome(handle.model, handle.tokenizer, MLP_OUT[family](handle.model, LAYER), plain, list(TEMPLATES),
                            matrix, settings)
     stats = edit.stats

@@ -8,31 +8,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAMILIES, build_tiny
-from explorer import corpora, editing, hooks, stats
-from explorer.editing import (
-    EditOptions,
-    align,
-    compute_edit,
-    context_templates,
-    scale_ladder,
-    default_layer,
-    edit_holds,
-    optimise_value,
-    make_request,
-    precompute,
-    prompt_row,
-    suffix_pass,
-    loss_layout,
-    read_losses,
-    resolve_settings,
-    resolved_setting,
-)
-from explorer.edits import EditSession, load_edit
-from explorer.prompts import InputError
-from explorer.scoring import mean_nll, target_ids, target_probabilities
-from explorer.stats import SecondMoment, StatsSpec, solve
+
+from explorer import editing
+from explorer.core import hooks
+from explorer.core.errors import InputError
+from explorer.core.scoring import mean_nll, target_ids, target_probabilities
+from explorer.editing import EditOptions, corpora, default_layer, edit_fact, make_request
+from explorer.editing import statistics as stats
+from explorer.editing.batch import align, precompute, prompt_row, suffix_pass
+from explorer.editing.edits import EditSession, load_edit
+from explorer.editing.prefixes import context_templates
+from explorer.editing.rome import edit_holds, loss_layout, optimise_value, read_losses, scale_ladder
+from explorer.editing.settings import resolve_settings, resolved_setting
+from explorer.editing.statistics import SecondMoment, StatsSpec, solve
 
 REQUEST = make_request("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris")
 FAST = EditOptions(layer=1, steps=4, prefixes=((3, 2), (5, 2)), stats=StatsSpec(corpus="identity"))
@@ -104,17 +93,17 @@ def test_template_context_is_computed_once_per_templates_and_weights(family):
         align([prompt_row(handle, t, r, target_ids(handle, r.target_new)) for t in templates], pad_id=0) for r in (REQUEST, other)
     ]
     assert batches[0].context > 0 and [row.context for row in batches[0].rows] == [row.context for row in batches[1].rows]
-    edit = compute_edit(handle, REQUEST, FAST)  # first: its own templates' context is not the one kept below
+    edit = edit_fact(EditSession(handle), REQUEST, FAST)  # first: its own templates' context is not the one kept below
     precompute(handle, batches[0], 2)
-    kept = handle.context_keys_values.value
+    kept = handle.weights.current_value
     second = precompute(handle, batches[1], 2)
-    assert handle.context_keys_values.value is kept  # same templates, same weights: reused
+    assert handle.weights.current_value is kept  # same templates, same weights: reused
     assert torch.allclose(second.keys, _plain_keys(handle, batches[1].rows, 2), atol=1e-5)
     session = EditSession(handle)
     session.add(edit)
     with session.applied():  # edited weights: computed again, and right for them
         third = precompute(handle, batches[1], 2)
-        assert handle.context_keys_values.value is not kept
+        assert handle.weights.current_value is not kept
         assert torch.allclose(third.keys, _plain_keys(handle, batches[1].rows, 2), atol=1e-5)
     assert not torch.allclose(third.keys, second.keys, atol=1e-3)
     fourth = precompute(handle, batches[1], 2)  # the original weights again: not the edited ones' values
@@ -125,7 +114,7 @@ def test_template_context_is_computed_once_per_templates_and_weights(family):
 def test_rank_one_update_maps_key_to_value_and_undo_is_exact(method):
     handle = build_tiny("llama")
     options = EditOptions(**{**FAST.__dict__, "method": method, "stats": StatsSpec(tokens=600)})
-    edit = compute_edit(handle, REQUEST, options)
+    edit = edit_fact(EditSession(handle), REQUEST, options)
     weight = handle.arch.mlp_out_weight(options.layer)
     original = weight.detach().clone()
     session = EditSession(handle)
@@ -144,7 +133,7 @@ def test_rank_one_update_maps_key_to_value_and_undo_is_exact(method):
 
 def test_rome_update_solves_the_paper_equation():
     """ΔW = Λ (C⁻¹k)ᵀ with Λ = (v − Wk − b)/((C⁻¹k)ᵀk): W'k = v, and W'x = Wx for x with xᵀC⁻¹k = 0."""
-    from explorer.editing import rank_one_update
+    from explorer.editing.rome import rank_one_update
 
     handle = build_tiny("gpt2")  # Conv1D layout and a bias
     layer = 1
@@ -158,8 +147,8 @@ def test_rome_update_solves_the_paper_equation():
     right, left = rank_one_update(handle, layer, key, value, moment, shrinkage=0.0)
     assert torch.allclose(left, torch.linalg.solve(moment.matrix, key.double()), atol=1e-8)
     session = EditSession(handle)
-    from explorer.edits import Edit
-    from explorer.models import model_fingerprint
+    from explorer.core.models import model_fingerprint
+    from explorer.editing.edits import Edit
 
     weight = handle.arch.mlp_out_weight(layer)
     edit = Edit(REQUEST, layer, "rome", model_fingerprint(handle), tuple(weight.shape), right.numpy(), left.numpy(), None, {}, 1.0)
@@ -185,7 +174,7 @@ def test_solve_adds_ridge_when_singular():
 
 
 def test_value_optimisation_lowers_its_loss(tiny):
-    edit = compute_edit(tiny, REQUEST, EditOptions(**{**FAST.__dict__, "steps": 10}))
+    edit = edit_fact(EditSession(tiny), REQUEST, EditOptions(**{**FAST.__dict__, "steps": 10}))
     assert edit.stats["value_loss"] < edit.stats["value_loss_initial"], edit.stats
     assert 1 <= edit.stats["value_steps"] <= 10 and np.isfinite(edit.delta_norm)
     session = EditSession(tiny)
@@ -228,14 +217,14 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
     assert ladder[0] == 1.0 and all(np.isclose(b / a, 1.1) for a, b in zip(ladder, ladder[1:]))
     assert ladder[-1] <= 4.0 / 0.75 < ladder[-1] * 1.1 and scale_ladder(4.0) == [1.0]
     options = EditOptions(**{**FAST.__dict__, "steps": 6, "clamp_factor": 0.05})
-    edit = compute_edit(handle, REQUEST, options)
+    edit = edit_fact(EditSession(handle), REQUEST, options)
     stats = edit.stats  # a random model's edit never holds: every multiple, then the paper's clamp, was tried
     assert (stats["clamp_tries"], stats["clamp_factor"], stats["delta_scale"], stats["holds"]) == (2, 4.0, 1.0, False)
     assert stats["holds"] == edit_holds(handle, REQUEST, 1, torch.from_numpy(edit.right), torch.from_numpy(edit.left))
     # the first multiple that holds is kept: here the fourth check says it holds
     checks = []
     monkeypatch.setattr(editing.rome, "edit_holds", lambda *args: checks.append(args[-2]) or len(checks) == 4)
-    stats = compute_edit(handle, REQUEST, options).stats
+    stats = edit_fact(EditSession(handle), REQUEST, options).stats
     assert (stats["clamp_tries"], stats["clamp_factor"], stats["holds"]) == (1, 0.05, True)
     assert stats["delta_scale"] == scale_ladder(0.05)[3] and len(checks) == 4
     scales = scale_ladder(0.05)[:4]  # the checked updates are Λ = (v₀ + s·δ − W k*)/(uᵀk*): a line in s
@@ -246,7 +235,7 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
 def test_ft_baseline_stays_in_its_linf_ball():
     handle = build_tiny("gemma3_text")
     options = EditOptions(method="ft", layer=1, ft_steps=10, ft_norm=1e-3, ft_lr=1e-3)
-    edit = compute_edit(handle, REQUEST, options)
+    edit = edit_fact(EditSession(handle), REQUEST, options)
     assert edit.dense is not None and np.abs(edit.dense).max() <= 1e-3 + 1e-9
     session = EditSession(handle)
     before = mean_nll(handle, [(REQUEST.filled, REQUEST.target_new)])[0]
@@ -258,7 +247,7 @@ def test_ft_baseline_stays_in_its_linf_ball():
 
 def test_sessions_are_isolated_under_concurrency():
     handle = build_tiny("qwen2")
-    edit = compute_edit(handle, REQUEST, FAST)
+    edit = edit_fact(EditSession(handle), REQUEST, FAST)
     edited, plain = EditSession(handle), EditSession(handle)
     edited.add(edit)
     reference = target_probabilities(handle, [REQUEST.filled], REQUEST.target_new)[0]
@@ -284,12 +273,12 @@ def test_sessions_are_isolated_under_concurrency():
 
 def test_stacked_edits_undo_one_at_a_time(tmp_path):
     handle = build_tiny("gpt_neox")
-    first = compute_edit(handle, REQUEST, FAST)
+    first = edit_fact(EditSession(handle), REQUEST, FAST)
     second_request = make_request("{} plays the", "Miles Davis", " guitar")
     session = EditSession(handle)
     session.add(first)
     with session.applied():
-        second = compute_edit(handle, second_request, FAST)  # computed on top of the first edit
+        second = edit_fact(EditSession(handle), second_request, FAST)  # computed on top of the first edit
     session.add(second)
     assert [e["request"]["subject"] for e in session.active()] == ["The Eiffel Tower", "Miles Davis"]
     only_first = EditSession(handle)
@@ -350,20 +339,20 @@ def test_bad_options_leave_the_model_untouched(options, message):
     handle = build_tiny("phi3")
     before = [p.detach().clone() for p in handle.model.parameters()]
     with pytest.raises(InputError, match=message):
-        compute_edit(handle, REQUEST, options)
+        edit_fact(EditSession(handle), REQUEST, options)
     assert all(torch.equal(a, b) for a, b in zip(before, handle.model.parameters()))
 
 
 def test_context_prefixes_are_seeded_cached_and_plain_text():
-    from explorer.editing import context_prefixes
+    from explorer.editing.prefixes import context_prefixes
 
     handle = build_tiny("gemma2")
     options = EditOptions(prefixes=((4, 3), (6, 2)), prefix_seed=5)
     first = context_prefixes(handle, options)
-    handle.own_values.forget()  # forces a read of the on-disk cache
+    handle.weights.forget_derived()  # forces a read of the on-disk cache
     assert context_prefixes(handle, options) == first and len(first) == 5
     fresh = build_tiny("gemma2")
-    fresh.own_values.get(("fingerprint",), lambda: f"uncached-{id(fresh)}")  # no cache: generated again from the seed
+    fresh.weights.derived(("fingerprint",), lambda: f"uncached-{id(fresh)}")  # no cache: generated again from the seed
     assert context_prefixes(fresh, options) == first
     assert all("{" not in p and "}" not in p and "\n" not in p for p in first)
     assert context_templates(first)[0] == "{}" and context_templates(first)[1] == first[0] + ". {}"
@@ -390,7 +379,7 @@ def test_second_moments_from_text_are_cached_and_symmetric(tmp_path, monkeypatch
         keys.append(seen["k"][0, [i for i, t in enumerate(row) if t not in handle.tokenizer.all_special_ids]])
     keys = torch.cat(keys).double()
     assert torch.allclose(matrix, keys.T @ keys / len(keys), atol=1e-5)
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     again = stats.second_moment(handle, 2, spec)  # from disk
     assert torch.allclose(again.matrix, matrix, atol=1e-6) and again.count == moment.count
     folder = stats.stats_folder(handle, spec)
@@ -399,7 +388,7 @@ def test_second_moments_from_text_are_cached_and_symmetric(tmp_path, monkeypatch
     assert sorted(path.name for path in folder.iterdir()) == ["layer_2.pt", "layer_3.pt"]
     assert not torch.allclose(deeper.matrix, matrix) and deeper.count == moment.count
     (folder / "layer_2.pt").write_bytes(b"damaged")
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     assert torch.allclose(stats.second_moment(handle, 2, spec).matrix, matrix, atol=1e-6)  # recomputed
 
 
@@ -422,7 +411,7 @@ def test_online_wikipedia_without_datasets_is_a_clear_error(monkeypatch):
 
 def test_prefixes_given_as_lists_work_as_tuples():
     """Validation accepts [length, count] lists (JSON gives them); they must ask for the same prefixes as tuples."""
-    from explorer.editing import context_prefixes
+    from explorer.editing.prefixes import context_prefixes
 
     handle = build_tiny("gpt2")
     as_lists = EditOptions(prefixes=[[3, 2], [4, 1]], prefix_seed=3)
@@ -430,8 +419,8 @@ def test_prefixes_given_as_lists_work_as_tuples():
     assert context_prefixes(handle, as_lists) == context_prefixes(handle, as_tuples)
     request = make_request("{} is located in the city of", "The Eiffel Tower", " Rome")
     fast = dict(layer=1, steps=2, stats=StatsSpec(corpus="identity"))
-    listed = compute_edit(handle, request, replace(as_lists, **fast))
-    tupled = compute_edit(handle, request, replace(as_tuples, **fast))
+    listed = edit_fact(EditSession(handle), request, replace(as_lists, **fast))
+    tupled = edit_fact(EditSession(handle), request, replace(as_tuples, **fast))
     assert np.array_equal(listed.left, tupled.left) and np.array_equal(listed.right, tupled.right)
 
 
@@ -439,13 +428,16 @@ def test_switching_an_edit_off_and_on_restores_the_exact_weights():
     """An edit switched off is kept but not applied; on again, the weights are bit for bit those of before."""
     handle = build_tiny("llama")
     fast = EditOptions(steps=2, prefixes=((3, 1),), stats=StatsSpec(corpus="identity"))
-    first = compute_edit(handle, make_request("{} is located in the city of", "The Eiffel Tower", " Rome"), replace(fast, layer=1))
-    second = compute_edit(handle, make_request("{} plays the", "Miles Davis", " guitar"), replace(fast, layer=2))
-    third = compute_edit(handle, make_request("{} was born in", "Marie Curie", " Oslo"), replace(fast, layer=1))
+    first = edit_fact(EditSession(handle), make_request("{} is located in the city of", "The Eiffel Tower", " Rome"), replace(fast, layer=1))
+    second = edit_fact(EditSession(handle), make_request("{} plays the", "Miles Davis", " guitar"), replace(fast, layer=2))
+    third = edit_fact(EditSession(handle), make_request("{} was born in", "Marie Curie", " Oslo"), replace(fast, layer=1))
     session = EditSession(handle)
     for made in (first, second, third):
         session.add(made)
-    weights = lambda: [handle.arch.mlp_out_weight(layer).detach().clone() for layer in range(handle.num_layers)]
+
+    def weights():
+        return [handle.arch.mlp_out_weight(layer).detach().clone() for layer in range(handle.num_layers)]
+
     own = weights()
     with session.applied():
         all_on = weights()

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, build_tiny
-from explorer import evaluate as ev
+
+from explorer.core.errors import InputError
 from explorer.editing import EditOptions
-from explorer.metrics import harmonic_mean, mean_ci95, ngram_entropy
-from explorer.prompts import InputError
-from explorer.stats import StatsSpec
+from explorer.editing.statistics import StatsSpec
+from explorer.studies import evaluate as ev
+from explorer.studies.metrics import harmonic_mean, mean_ci95, ngram_entropy
 
 SAMPLE = REPO / "assets" / "handwritten_counterfact_cases.json"
 FAST = EditOptions(layer=1, steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
@@ -114,7 +114,7 @@ def test_run_restores_the_model_and_resumes(tmp_path, monkeypatch):
     first = result["per_case"][0]
     assert first["after"]["target_new_prob"] != first["before"]["target_new_prob"]
     # Resume: every case is in the per-case file, so a rerun edits nothing.
-    monkeypatch.setattr(ev, "compute_edit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    monkeypatch.setattr(ev, "edit_fact", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     again = ev.evaluate(handle, cases, "counterfact", settings, partial)
     assert again["per_case"] == json.loads(json.dumps(result["per_case"]))
     # A different method does not reuse another run's cases.
@@ -142,8 +142,8 @@ def test_a_damaged_resume_file_means_starting_afresh(tmp_path, content):
 
 
 def test_sampling_seed_out_of_range_is_a_clear_error():
-    from explorer.generation import Sampling
-    from explorer.prompts import InputError
+    from explorer.core.errors import InputError
+    from explorer.core.generation import Sampling
 
     for seed in (-1, 2**64, 1.5):
         with pytest.raises(InputError, match="sampling seed must be a whole number"):

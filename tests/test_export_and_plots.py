@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 
-from explorer import export, plots
-from explorer.tracing import TraceResult
+from explorer.app import plots
+from explorer.tracing import TraceResult, export
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 

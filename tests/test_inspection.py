@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from explorer import cli
-from explorer.inspection import inspect_cell, parse_cell
-from explorer.prompts import InputError
+from explorer.core.errors import InputError
 from explorer.tracing import KINDS, TraceOptions, trace
+from explorer.tracing.inspection import inspect_cell, parse_cell
 from tests.conftest import build_tiny
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "The Eiffel Tower"

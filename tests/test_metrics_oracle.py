@@ -1,6 +1,6 @@
 """An independent oracle for the CounterFact and zsRE metrics.
 
-The oracle never calls ``explorer.scoring``, ``explorer.metrics`` or ``explorer.evaluate`` for its own numbers.
+The oracle never calls ``explorer.core.scoring``, ``explorer.studies.metrics`` or ``explorer.studies.evaluate`` for its own numbers.
 For each (prompt, target) it runs ONE plain forward pass ``model(input_ids=prompt + target)`` (no padding, no
 batching), takes ``log_softmax`` in float64 and reads, at the position before each target token, that token's
 log-probability and whether it is the top-1 token. Tokenisation mirrors the package's convention: the prompt with
@@ -35,9 +35,9 @@ import numpy as np
 import pytest
 import torch
 
-from explorer import evaluate as ev
-from explorer import scoring
-from explorer.metrics import rewrite_scores, rome_ngram_entropy
+from explorer.core import scoring
+from explorer.studies import evaluate as ev
+from explorer.studies.metrics import rewrite_scores, rome_ngram_entropy
 from tests.conftest import REPO, build_tiny, run_cli, save_tiny
 
 FACTS = json.loads((REPO / "assets" / "known_facts.json").read_text(encoding="utf-8"))
@@ -419,7 +419,7 @@ def test_rome_evaluation_on_zsre_runs_in_range(tiny_models):
     command line's zsRE path is the one above.)
     """
     from explorer.editing import EditOptions
-    from explorer.stats import StatsSpec
+    from explorer.editing.statistics import StatsSpec
 
     handle = tiny_models("gpt2", torch.float32)
     records = zsre_records(handle.model, handle.tokenizer, 2)

@@ -9,13 +9,12 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 import transformers
+from conftest import build_tiny, save_tiny, tiny_config
 from huggingface_hub import HfApi
 
-from conftest import build_tiny, save_tiny, tiny_config
-from explorer import model_policy, ui
-from explorer.limits import AppLimits
-from explorer.models import ModelLoadError
-from explorer.prompts import InputError
+from explorer.app import model_policy, ui
+from explorer.app.limits import AppLimits
+from explorer.core.errors import InputError, ModelLoadError
 
 QUIET = {"progress": lambda *a, **k: None}
 POLICY_ENV = ("SPACE_ID", "GRADIO_SHARE", *model_policy.BIND_ENV, model_policy.MODELS_ENV, model_policy.ANY_MODEL_ENV,

@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-from explorer import models
-from explorer.models import ModelLoadError, load_model
+from explorer.core import models
+from explorer.core.errors import ModelLoadError
+from explorer.core.models import load_model
 from tests.conftest import build_tiny
 
 PROMPT = "The Eiffel Tower is located in the city of"
@@ -55,9 +56,9 @@ def test_conversion_cache_reload_and_damaged_cache_rebuild(tmp_path, monkeypatch
 
 
 def test_fingerprint_depends_on_the_model_not_on_how_it_was_loaded(tmp_path):
-    from explorer.edits import EditSession
-    from explorer.editing import EditOptions, compute_edit, make_request
-    from explorer.stats import StatsSpec
+    from explorer.editing import EditOptions, edit_fact, make_request
+    from explorer.editing.edits import EditSession
+    from explorer.editing.statistics import StatsSpec
 
     tiny = build_tiny("llama")
     for folder in ("a", "b/deeper"):
@@ -72,7 +73,7 @@ def test_fingerprint_depends_on_the_model_not_on_how_it_was_loaded(tmp_path):
     assert models.model_fingerprint(config_changed) != expected
     session = EditSession(loaded[0])
     options = EditOptions(layer=1, steps=2, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
-    session.add(compute_edit(loaded[0], make_request("{} is in", "Paris", " Rome"), options))
+    session.add(edit_fact(EditSession(loaded[0]), make_request("{} is in", "Paris", " Rome"), options))
     with session.applied():
         loaded[0].own_values.forget()  # asked for the first time while an edit is applied: still the model's own id
         assert models.model_fingerprint(loaded[0]) == expected
@@ -117,10 +118,10 @@ def test_two_processes_starting_at_once_share_one_converted_copy(tmp_path):
     from tests.conftest import REPO
 
     code = (
-        "from explorer.models import load_model; import torch; h = load_model(); "
+        "from explorer.core.models import load_model; import torch; h = load_model(); "
         "ids = h.tokenizer('The Eiffel Tower is in', return_tensors='pt').input_ids; "
         "print(h.tokenizer.decode([int(h.model(input_ids=ids).logits[0, -1].argmax())])); "
-        "from explorer.models import model_fingerprint; print(model_fingerprint(h))"
+        "from explorer.core.models import model_fingerprint; print(model_fingerprint(h))"
     )
     env = {**os.environ, models.CACHE_ENV: str(tmp_path)}
     procs = [
@@ -138,7 +139,7 @@ def test_two_processes_starting_at_once_share_one_converted_copy(tmp_path):
 
 
 def test_completions_are_plain_text_unless_markup_is_asked_for(default_model):
-    from explorer.generation import complete, markup_token_ids
+    from explorer.core.generation import complete, markup_token_ids
 
     prompt = "The Eiffel Tower is located in"
     # Greedily, the default model writes "<start_of_image>" within 30 tokens of this prompt.

@@ -7,12 +7,13 @@ import time
 from contextlib import contextmanager
 
 import pytest
-
 from conftest import build_tiny
-from explorer import stats
-from explorer.editing import EditOptions, prepare
-from explorer.preparation import Preparation
-from explorer.stats import StatsSpec
+
+from explorer.app.preparation import Preparation
+from explorer.core.weights import Weights
+from explorer.editing import EditOptions, plan_edit
+from explorer.editing import statistics as stats
+from explorer.editing.statistics import StatsSpec
 
 OPTIONS = EditOptions(layer=1, prefixes=((3, 2),), stats=StatsSpec(corpus="wikipedia", tokens=20_000))
 
@@ -22,20 +23,20 @@ def slow_passes(tmp_path, monkeypatch):
     """Counts statistics passes and pauses after each batch, so the tests can act while a pass runs."""
     monkeypatch.setenv("ROME_EXPLORER_CACHE", str(tmp_path / "cache"))
     passes: list[int] = []
-    accumulate, own_weights = stats.accumulate_second_moments, stats.own_weights
+    accumulate, own = stats.accumulate_second_moments, Weights.own
 
     def counted(*args, **kwargs):
         passes.append(1)
         return accumulate(*args, **kwargs)
 
     @contextmanager
-    def pausing(handle):
-        with own_weights(handle):
-            yield handle
+    def pausing(weights):
+        with own(weights):
+            yield
         time.sleep(0.05)
 
     monkeypatch.setattr(stats, "accumulate_second_moments", counted)
-    monkeypatch.setattr(stats, "own_weights", pausing)
+    monkeypatch.setattr(Weights, "own", pausing)
     return passes
 
 
@@ -51,17 +52,22 @@ def test_an_edit_during_the_preparation_waits_for_it_and_other_jobs_run_in_betwe
     preparation = Preparation("tiny").start(lambda progress: handle, OPTIONS)
     _until(lambda: "key statistics:" in preparation.status().message)
     # Another job (a trace) takes the model's lock between two batches of the running pass.
-    assert handle.lock.acquire(timeout=10)
-    try:
-        assert preparation.status().running, "the lock was only free once the pass had finished"
-    finally:
-        handle.lock.release()
-    prepared = prepare(handle, OPTIONS)  # an edit clicked meanwhile
+    running_when_taken = []
+
+    def take() -> None:
+        with handle.weights.locked():
+            running_when_taken.append(preparation.status().running)
+
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    taker.join(10)
+    assert running_when_taken == [True], "the lock was only free once the pass had finished"
+    prepared = plan_edit(handle, OPTIONS)  # an edit clicked meanwhile
     assert len(slow_passes) == 1, "the edit computed the statistics again instead of waiting"
     status = preparation.wait(120)
     assert not status.running and not status.failed and status.fraction == 1.0
     assert status.message == f"ready to edit (default layer 1; C from {prepared.moment.count:,} keys of wikipedia)"
-    assert prepared.moment is prepare(handle, OPTIONS).moment and len(slow_passes) == 1
+    assert prepared.moment is plan_edit(handle, OPTIONS).moment and len(slow_passes) == 1
 
 
 def test_a_caller_holding_the_models_lock_computes_itself_instead_of_deadlocking(slow_passes):
@@ -71,8 +77,8 @@ def test_a_caller_holding_the_models_lock_computes_itself_instead_of_deadlocking
     results = []
 
     def edit_inside_an_applied_block() -> None:
-        with handle.lock:  # as EditSession.applied() holds it
-            results.append(prepare(handle, OPTIONS))
+        with handle.weights.locked():  # as EditSession.applied() holds it
+            results.append(plan_edit(handle, OPTIONS))
 
     worker = threading.Thread(target=edit_inside_an_applied_block, daemon=True)
     worker.start()

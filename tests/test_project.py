@@ -1,4 +1,5 @@
 """The README's promises about how the project is run."""
+import ast
 import re
 import subprocess
 import sys
@@ -62,10 +63,17 @@ def test_torch_is_pinned():
     assert "torch==2.13.0" in (REPO / "requirements.txt").read_text().splitlines()
 
 
-def test_readme_layout_names_every_module():
-    """A newcomer finds where a thing lives from the README's layout: every module and package of explorer/ is in it."""
+def test_readme_layout_names_every_package_and_each_manual_every_module():
+    """A newcomer reads the architecture from ``ls explorer/``: the root holds packages only, the README's layout
+    names each, and each package's ``__init__`` docstring names every module in it."""
+    root = REPO / "explorer"
+    assert sorted(path.name for path in root.glob("*.py")) == ["__init__.py", "__main__.py"]
     layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
-    named = set(re.findall(r"[a-z_]+", layout))
-    modules = {path.stem for path in (REPO / "explorer").glob("*.py")} - {"__init__", "__main__"}
-    packages = {path.parent.name for path in (REPO / "explorer").glob("*/__init__.py")}
-    assert sorted((modules | packages) - named) == []
+    packages = sorted(path.parent for path in root.rglob("__init__.py"))
+    top = {package.name for package in packages if package.parent == root}
+    assert sorted(name for name in top if f"{name}/" not in layout) == []
+    for package in packages:
+        manual = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+        members = [path.stem for path in package.glob("*.py") if path.stem != "__init__"]
+        members += [path.parent.name for path in package.glob("*/__init__.py")]
+        assert sorted(name for name in members if f"``{name}``" not in manual and f"{name}/" not in manual) == [], package

@@ -30,21 +30,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, _tiny_tokenizer, build_tiny
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO, _tiny_tokenizer, build_tiny
-from explorer import aggregate, stats
-from explorer.editing import METHODS, EditOptions, compute_edit, context_prefixes, make_request, traced_peak_layer
+from explorer.core.errors import InputError
+from explorer.core.generation import complete
+from explorer.core.models import model_fingerprint
+from explorer.core.progress import Cancelled, no_progress
+from explorer.core.prompts import TokenizedPrompt, clean_text, tokenize_at, tokenize_prompt
+from explorer.core.scoring import target_probabilities
+from explorer.editing import METHODS, EditOptions, edit_fact, make_request, traced_peak_layer
+from explorer.editing import statistics as stats
 from explorer.editing import validate_options as validate_edit_options
-from explorer.edits import ARRAY_FIELDS, EditRequest, EditSession, load_edit
-from explorer.generation import complete
-from explorer.models import model_fingerprint
-from explorer.prompts import InputError, TokenizedPrompt, clean_text, tokenize_at, tokenize_prompt
-from explorer.scoring import target_probabilities
-from explorer.stats import StatsSpec, second_moment, stats_folder
-from explorer.progress import Cancelled, no_progress
-from explorer.tracing import KINDS, TraceLimits, TraceOptions, trace, trace_severed
+from explorer.editing.edits import ARRAY_FIELDS, EditRequest, EditSession, load_edit
+from explorer.editing.prefixes import context_prefixes
+from explorer.editing.statistics import StatsSpec, second_moment, stats_folder
+from explorer.tracing import KINDS, TraceLimits, TraceOptions, aggregate, trace, trace_severed
 from explorer.tracing import validate_options as validate_trace_options
 
 # Hypothesis examples per property (reported in SECURITY.md).
@@ -288,7 +290,7 @@ def test_edit_options_are_valid_or_a_one_line_error(method, layer, steps, shrink
     handle = _validation_model()
     stats_spec = StatsSpec(corpus=corpus, tokens=tokens, seed=seed)
     options = EditOptions(method=method, layer=layer, steps=steps, shrinkage=shrinkage, lr=lr, prefixes=prefixes, stats=stats_spec)
-    ok, _ = _attempt(validate_edit_options, handle, options)
+    ok, _ = _attempt(validate_edit_options, options, handle)
     if ok:  # what passes is runnable
         assert options.method in METHODS
         assert options.layer is None or (isinstance(options.layer, int) and 0 <= options.layer < handle.num_layers)
@@ -405,9 +407,9 @@ def _edited_model(family: str):
     """A tiny model, three edits computed on it (two ROME layers and one FT) and its original weights."""
     handle = build_tiny(family)
     edits = (
-        compute_edit(handle, REQUESTS[0], EditOptions(layer=1, **CHEAP)),
-        compute_edit(handle, REQUESTS[1], EditOptions(layer=2, **CHEAP)),
-        compute_edit(handle, REQUESTS[1], EditOptions(method="ft", layer=1, ft_steps=3, ft_norm=1e-2, ft_lr=1e-2)),
+        edit_fact(EditSession(handle), REQUESTS[0], EditOptions(layer=1, **CHEAP)),
+        edit_fact(EditSession(handle), REQUESTS[1], EditOptions(layer=2, **CHEAP)),
+        edit_fact(EditSession(handle), REQUESTS[1], EditOptions(method="ft", layer=1, ft_steps=3, ft_norm=1e-2, ft_lr=1e-2)),
     )
     originals = {name: p.detach().clone() for name, p in handle.model.named_parameters()}
     matrices = {layer: handle.arch.mlp_out_weight(layer).detach().clone() for layer in range(handle.num_layers)}
@@ -459,13 +461,12 @@ def _assert_unlocked(handle) -> None:
     taken = []
 
     def take() -> None:
-        taken.append(handle.lock.acquire(blocking=False))
-        if taken[-1]:
-            handle.lock.release()
+        with handle.weights.locked():
+            taken.append(True)
 
-    thread = threading.Thread(target=take)
+    thread = threading.Thread(target=take, daemon=True)
     thread.start()
-    thread.join()
+    thread.join(10)
     assert taken == [True], "the model's lock is still held"
 
 
@@ -601,8 +602,8 @@ def test_a_damaged_saved_edit_is_refused_or_applies_and_undoes_cleanly(damaged):
 _REQUESTS_UNDER_TEST = {
     "trace": lambda handle, progress=no_progress: trace(handle, PROMPT, SUBJECT, TraceOptions(samples=2, window=3), progress=progress),
     "severed": lambda handle, progress=no_progress: trace_severed(handle, PROMPT, SUBJECT, TraceOptions(samples=2), progress=progress),
-    "rome": lambda handle, progress=no_progress: compute_edit(handle, REQUESTS[1], EditOptions(layer=2, **CHEAP), progress=progress),
-    "ft": lambda handle, progress=no_progress: compute_edit(handle, REQUESTS[0], EditOptions(method="ft", layer=1, ft_steps=2),
+    "rome": lambda handle, progress=no_progress: edit_fact(EditSession(handle), REQUESTS[1], EditOptions(layer=2, **CHEAP), progress=progress),
+    "ft": lambda handle, progress=no_progress: edit_fact(EditSession(handle), REQUESTS[0], EditOptions(method="ft", layer=1, ft_steps=2),
                                                          progress=progress),
     "score": lambda handle: target_probabilities(handle, [PROMPT], " Paris"),
     "generate": lambda handle: complete(handle, [PROMPT], new_tokens=3),
@@ -783,20 +784,20 @@ _STATS_LAYER_DAMAGE = {
 @pytest.mark.parametrize("damage", sorted(_STATS_LAYER_DAMAGE))
 def test_damaged_statistics_are_recomputed_and_rewritten(cache_dir, tmp_path, damage):
     handle = _cache_model()
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("The Eiffel Tower is in Paris. The Colosseum is in Rome. Miles Davis plays the trumpet. " * 20)
     spec, layer = StatsSpec(corpus=f"text:{corpus}", tokens=300), 2
     fresh = second_moment(handle, layer, spec).matrix
     folder = stats_folder(handle, spec)
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     cached = second_moment(handle, layer, spec).matrix
     assert torch.allclose(cached, fresh, atol=1e-6)
     width = handle.arch.mlp_out_weight(layer).shape[1]
     _STATS_LAYER_DAMAGE[damage](folder / f"layer_{layer}.pt", width)
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     assert torch.equal(second_moment(handle, layer, spec).matrix, fresh), "the damaged cache was served"
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     assert stats._load_layer(folder, layer, width) is not None, "the cache was not rewritten"
     assert torch.equal(second_moment(handle, layer, spec).matrix, cached)
 
@@ -815,13 +816,13 @@ _PREFIX_DAMAGE = {
 @pytest.mark.parametrize("damage", sorted(_PREFIX_DAMAGE))
 def test_damaged_prefix_cache_is_regenerated_and_rewritten(cache_dir, damage):
     handle = _cache_model()
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     options = EditOptions(prefixes=((3, 2),), prefix_seed=4)
     fresh = context_prefixes(handle, options)
     path = cache_dir / "prefixes" / f"{model_fingerprint(handle)}.json"
     (name,) = json.loads(path.read_text())
     _PREFIX_DAMAGE[damage](path, name)
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     assert context_prefixes(handle, options) == fresh, "the damaged cache was served"
     assert json.loads(path.read_text())[name] == fresh, "the cache was not rewritten"
 
@@ -841,7 +842,7 @@ _LAYER_DAMAGE = {
 @pytest.mark.parametrize("damage", sorted(_LAYER_DAMAGE))
 def test_damaged_layer_cache_is_traced_again_and_rewritten(cache_dir, monkeypatch, damage):
     handle = _cache_model()
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     traced = []
 
     def effects(_handle, facts_limit, progress=None):
@@ -850,10 +851,10 @@ def test_damaged_layer_cache_is_traced_again_and_rewritten(cache_dir, monkeypatc
 
     monkeypatch.setattr(aggregate, "last_subject_mlp_effects", effects)
     assert traced_peak_layer(handle, facts_limit=3) == 2 and len(traced) == 1
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     assert traced_peak_layer(handle, facts_limit=3) == 2 and len(traced) == 1, "a sound cache is read, not traced again"
     path = cache_dir / "layers" / f"{model_fingerprint(handle)}-facts3.json"
     _LAYER_DAMAGE[damage](path, None)
-    handle.own_values.forget()
+    handle.weights.forget_derived()
     assert traced_peak_layer(handle, facts_limit=3) == 2 and len(traced) == 2, "the damaged cache was served"
     assert json.loads(path.read_text())["layer"] == 2, "the cache was not rewritten"

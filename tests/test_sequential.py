@@ -10,15 +10,15 @@ import math
 
 import pytest
 import torch
-
 from conftest import REPO, build_tiny
-from explorer.editing import EditOptions, compute_edit, make_request
-from explorer.edits import EditSession
-from explorer.evaluate import Case
-from explorer.facts import Fact
-from explorer.prompts import InputError
-from explorer.sequential import SequentialSettings, sequential_run
-from explorer.stats import StatsSpec
+
+from explorer.core.errors import InputError
+from explorer.core.facts import Fact
+from explorer.editing import EditOptions, edit_fact, make_request
+from explorer.editing.edits import EditSession
+from explorer.editing.statistics import StatsSpec
+from explorer.studies.evaluate import Case
+from explorer.studies.sequential import SequentialSettings, sequential_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,7 +100,7 @@ def test_checkpoints_equal_scores_recomputed_from_scratch_on_the_final_model():
     session = EditSession(fresh)
     for case in CASES:
         with session.applied():
-            session.add(compute_edit(fresh, case.request, FAST))
+            session.add(edit_fact(EditSession(fresh), case.request, FAST))
     with session.applied():
         expected = _scores(fresh, CASES)
         retained = sum(_top(fresh, fact.prompt) == fresh.tokenizer(" " + fact.attribute, add_special_tokens=False)["input_ids"][0]
@@ -154,7 +154,7 @@ def test_sequential_command_writes_its_json_and_refuses_bad_input(tmp_path):
 
 
 def test_probe_facts_about_an_edited_subject_are_not_counted_as_unrelated():
-    from explorer.health import model_health, probe_facts
+    from explorer.studies.health import model_health, probe_facts
 
     handle = build_tiny("llama")
     probes = _known_probes(handle)
@@ -162,6 +162,6 @@ def test_probe_facts_about_an_edited_subject_are_not_counted_as_unrelated():
     assert edited not in probe_facts(handle, 6, probes, [edited.subject])
     session = EditSession(handle)
     assert model_health(session, probes).probes_total == len(probes)
-    session.add(compute_edit(handle, make_request(edited.template, edited.subject, " Rome"), FAST))
+    session.add(edit_fact(EditSession(handle), make_request(edited.template, edited.subject, " Rome"), FAST))
     health = model_health(session, probes)
     assert health.probes_total == len(probes) - 1 and health.relative_change > 0

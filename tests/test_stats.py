@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_tiny
-from explorer import corpora, stats
-from explorer.editing import EditOptions, compute_edit, context_prefixes, make_request
-from explorer.edits import EditSession
-from explorer.models import model_fingerprint
-from explorer.prompts import InputError
-from explorer.stats import StatsSpec, second_moment
+
+from explorer.core.errors import InputError
+from explorer.core.models import model_fingerprint
+from explorer.editing import EditOptions, corpora, edit_fact, make_request
+from explorer.editing import statistics as stats
+from explorer.editing.edits import EditSession
+from explorer.editing.prefixes import context_prefixes
+from explorer.editing.statistics import StatsSpec, second_moment
 from explorer.tracing import embedding_std
 
 BODY = 127  # tokens of text per row after the BOS: rows are 128 tokens at most
@@ -98,12 +99,12 @@ def test_derived_values_come_from_the_models_own_weights(tmp_path, monkeypatch):
     handle = build_tiny("llama")
     request = make_request("{} is located in the city of", "The Eiffel Tower", " Rome")
     session = EditSession(handle)
-    session.add(compute_edit(handle, request, EditOptions(layer=1, steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))))
+    session.add(edit_fact(EditSession(handle), request, EditOptions(layer=1, steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))))
     spec, options = StatsSpec(corpus="wikipedia", tokens=600), EditOptions(prefixes=((4, 3),), prefix_seed=7)
     rows = _wikipedia_rows(handle.tokenizer, 600, 0)
 
     def values() -> tuple:
-        handle.own_values.forget()
+        handle.weights.forget_derived()
         return (second_moment(handle, 2, spec), context_prefixes(handle, options), embedding_std(handle), model_fingerprint(handle))
 
     monkeypatch.setenv("ROME_EXPLORER_CACHE", str(tmp_path / "edited-first"))
@@ -129,7 +130,7 @@ def test_missing_or_damaged_wikipedia_data_is_a_clear_error(cache, tmp_path, mon
     def using(contents: bytes) -> None:
         copy.write_bytes(contents)
         monkeypatch.setattr(corpora, "wikipedia_data_file", lambda: (copy, recorded))
-        handle.own_values.forget()
+        handle.weights.forget_derived()
 
     original = real_path.read_bytes()
     using(original[:-100])  # truncated
@@ -197,8 +198,8 @@ def test_an_edit_is_the_same_whether_its_statistics_were_just_computed_or_read_f
     """C is cached in float32: the edit made while C is computed must use those numbers, not the pass's float64."""
     options = EditOptions(layer=1, steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="wikipedia", tokens=2000))
     request = make_request("{} is located in the city of", "The Eiffel Tower", " Rome")
-    cold = compute_edit(build_tiny("gpt2"), request, options)  # computes C and writes it
-    warm = compute_edit(build_tiny("gpt2"), request, options)  # a fresh load of the same model: C read from disk
+    cold = edit_fact(EditSession(build_tiny("gpt2")), request, options)  # computes C and writes it
+    warm = edit_fact(EditSession(build_tiny("gpt2")), request, options)  # a fresh load of the same model: C read from disk
     assert np.array_equal(cold.left, warm.left) and np.array_equal(cold.right, warm.right)
 
 

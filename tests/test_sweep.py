@@ -5,14 +5,14 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import build_tiny, run_cli, save_tiny
-from explorer.compare import Probes
+
+from explorer.core.errors import InputError
 from explorer.editing import EditOptions, make_request
-from explorer.edits import EditSession
-from explorer.prompts import InputError
-from explorer.stats import StatsSpec
-from explorer.sweep import parse_layers, sweep_layers
+from explorer.editing.edits import EditSession
+from explorer.editing.statistics import StatsSpec
+from explorer.studies.compare import Probes
+from explorer.studies.sweep import parse_layers, sweep_layers
 from explorer.testing import oracle
 from explorer.tracing import TraceOptions
 

@@ -3,23 +3,30 @@ import functools
 import numpy as np
 import pytest
 import torch
-
-from explorer.prompts import InputError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from explorer.tracing import KINDS, Cell, TraceOptions, embedding_std, plan_pass, subject_noise, trace, trace_severed, window_layers
+from explorer.core.errors import InputError
+from explorer.testing import oracle
+from explorer.testing.reference_trace import reference_scores
 from explorer.tracing import (
     DEFAULT_LIMITS,
+    KINDS,
     SEVERED_KEYS,
+    Cell,
+    TraceOptions,
     cells_for_kind,
-    reference_scores,
+    embedding_std,
+    plan_pass,
     run_clean_and_corrupted,
     score_cells,
     severed_cells,
+    subject_noise,
+    trace,
+    trace_severed,
     validated_inputs,
+    window_layers,
 )
-from explorer.testing import oracle
 from tests.conftest import FAMILIES, build_tiny
 
 # Generated cases per family for the fuzzed comparison with the oracle.
@@ -230,7 +237,7 @@ def test_bad_input_is_a_clear_error_and_leaves_no_hook(prompt, subject, options,
 
 
 def test_cancel_stops_a_trace_and_leaves_no_hook():
-    from explorer.progress import Cancelled
+    from explorer.core.progress import Cancelled
 
     def cancel(_fraction, _message):
         raise Cancelled("cancelled by the test")

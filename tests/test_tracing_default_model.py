@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from explorer.tracing import KINDS, TraceOptions, trace
 from explorer.testing import oracle
+from explorer.tracing import KINDS, TraceOptions, trace
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -33,8 +33,8 @@ def test_eiffel_tower_trace_shows_early_mlp_at_subject_and_late_hidden_at_last_t
 
 
 def test_average_over_known_facts_keeps_correct_ones_and_reports_effects(default_model):
-    from explorer.aggregate import average_effects
-    from explorer.facts import load_facts
+    from explorer.core.facts import load_facts
+    from explorer.tracing.aggregate import average_effects
 
     facts = [f for f in load_facts() if f.subject in ("The Eiffel Tower", "Vladimir Putin")][:2]
     result = average_effects(default_model, facts, TraceOptions(kinds=("hidden",), samples=3)).to_json()

@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_tiny, traced_scores
-from explorer import export, ui
-from explorer.bounded_cache import BoundedCache
+
+from explorer.app import ui
+from explorer.app.caches import BoundedCache
+from explorer.app.limits import AppLimits
+from explorer.core.models import DEFAULT_MODEL
 from explorer.editing import EditOptions
-from explorer.limits import AppLimits
-from explorer.models import DEFAULT_MODEL
-from explorer.stats import StatsSpec
+from explorer.editing.statistics import StatsSpec
+from explorer.tracing import export
 
 
 @pytest.fixture()
@@ -158,7 +159,7 @@ def test_average_and_severed_panels_draw_the_figures(tiny_app, tmp_path):
     upload = tmp_path / "facts.json"
     upload.write_text(json.dumps(facts))
     # Take the tiny model's own greedy answers as the facts' attributes, so that both are "known".
-    from explorer.aggregate import top_prediction
+    from explorer.core.scoring import top_prediction
 
     for fact in facts:
         fact["attribute"] = tiny_app.tokenizer.decode([top_prediction(tiny_app, fact["prompt"])]).strip()
@@ -177,7 +178,7 @@ def test_average_and_severed_panels_draw_the_figures(tiny_app, tmp_path):
 
 
 def test_limits_come_from_the_environment():
-    from explorer.limits import AppLimits, documented_defaults
+    from explorer.app.limits import AppLimits, documented_defaults
 
     assert AppLimits.from_env({"ROME_EXPLORER_MAX_SAMPLES": "7", "ROME_EXPLORER_QUEUE": "3"}) == AppLimits(max_samples=7, queue_size=3)
     assert AppLimits.from_env({}).trace.max_samples == 50
@@ -258,7 +259,6 @@ def test_memory_stays_flat_over_many_trace_edit_undo_cycles(tiny_app):
 def test_model_field_loads_a_folder_and_failures_say_why(tmp_path, monkeypatch):
     """The real loader behind the model field: a local folder loads, a missing one is a clear error, nothing breaks."""
     import gradio as gr
-
     from conftest import build_tiny
 
     tiny = build_tiny("gpt2")
@@ -393,7 +393,7 @@ def test_an_edit_switched_off_is_kept_but_not_applied_and_health_follows(tiny_ap
 
 
 def test_layer_sweep_streams_its_points_and_ends_with_every_layer(tiny_app):
-    from explorer.ui import sweep_handlers
+    from explorer.app.ui import sweep_handlers
 
     updates = list(sweep_handlers.run_sweep("{} is located in the city of", "The Eiffel Tower", " Rome", "", "",
                                             "The Louvre is located in the city of", "rome", "1-3", 2, ui.Workspace(), **QUIET))
@@ -402,3 +402,21 @@ def test_layer_sweep_streams_its_points_and_ends_with_every_layer(tiny_app):
     assert len(figure.data[0].y) == tiny_app.num_layers and list(figure.data[1].x) == [1, 2, 3]
     with pytest.raises(Exception, match="layer 9 does not exist"):
         list(sweep_handlers.run_sweep("{} is in", "The Eiffel Tower", " Rome", "", "", "", "rome", "9", 2, ui.Workspace(), **QUIET))
+
+
+def test_the_sweep_traces_under_the_caps_the_operator_set(tiny_app, monkeypatch):
+    """Caps raised by the operator hold for the sweep's trace too, not only for its handler's check (bug 6 of issue 27):
+    60 samples pass where the default cap is 50, and a cap set lower is what the refusal quotes."""
+    from explorer.app.ui import sweep_handlers
+
+    def sweep(samples):
+        return list(sweep_handlers.run_sweep("{} is located in the city of", "The Eiffel Tower", " Rome", "", "", "", "rome",
+                                             "1", samples, ui.Workspace(), **QUIET))[-1]
+
+    monkeypatch.setattr(ui.config, "LIMITS", AppLimits(max_samples=60))
+    _figure, rows, _summary = sweep(60)
+    assert [row[0] for row in rows] == [1]
+    monkeypatch.setattr(ui.config, "LIMITS", AppLimits(max_samples=5))
+    with pytest.raises(Exception, match="at most 5") as refused:
+        sweep(6)
+    assert "50" not in str(refused.value)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ..prompts import InputError
+from ..core.errors import InputError
 from . import commands
 from .arguments import build_parser
 
@@ -27,8 +27,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input exits 2 with a one-line message."""
-    from ..models import ModelLoadError
-    from ..progress import Cancelled
+    from ..core.errors import ModelLoadError
+    from ..core.progress import Cancelled
 
     args = build_parser().parse_args(argv)
     try:

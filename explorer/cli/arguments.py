@@ -6,9 +6,9 @@ the app and the Python API.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..prompts import InputError, read_json_input
+from ..core.errors import InputError
+from ..core.prompts import read_json_input
 
 REPEATABLE = "repeatable: each flag adds to the list, e.g. --{name} A B --{name} C gives A, B, C"
 
@@ -41,10 +41,11 @@ def add_trace_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_edit_options(parser: argparse.ArgumentParser, layer: bool = True) -> None:
-    from ..editing import EditOptions  # the defaults are the dataclass's: one source for the CLI, app and API
-    from ..stats import CORPORA, StatsSpec
-
-    from ..editing import SETTINGS
+    from ..editing import (
+        SETTINGS,
+        EditOptions,  # the defaults are the dataclass's: one source for the CLI, app and API
+    )
+    from ..editing.corpora import CORPORA, StatsSpec
 
     defaults = EditOptions()
     parser.add_argument("--method", default=None,
@@ -74,7 +75,7 @@ def add_edit_options(parser: argparse.ArgumentParser, layer: bool = True) -> Non
 
 
 def add_zsre_target_option(parser: argparse.ArgumentParser) -> None:
-    from ..evaluate import ZSRE_TARGETS
+    from ..studies.evaluate import ZSRE_TARGETS
 
     parser.add_argument("--zsre-target", default=ZSRE_TARGETS[0], choices=ZSRE_TARGETS,
                         help="zsRE records: edit towards answers[0] and ask the neighbour as loc + '?' (answers, ROME's "
@@ -143,7 +144,7 @@ def _add_edit_command(commands) -> None:
     edit.add_argument("--neighborhood", nargs="+", action="extend", default=[], metavar="PROMPT",
                       help="prompts whose answer must stay target_true; " + REPEATABLE.format(name="neighborhood"))
     edit.add_argument("--sample-seed", type=int, help="sample generations (top-k 50) with this seed instead of greedy")
-    from ..compare import GENERATION_TOKENS
+    from ..studies.compare import GENERATION_TOKENS
 
     edit.add_argument("--tokens", type=int, default=GENERATION_TOKENS, help=f"tokens per generation (default {GENERATION_TOKENS})")
     edit.add_argument("--apply-edit", nargs="+", action="extend", default=[], metavar="FILE",
@@ -173,7 +174,7 @@ def _add_sequential_command(commands) -> None:
     sequential.add_argument("--limit", type=int, help="edit the first N cases")
     add_zsre_target_option(sequential)
     sequential.add_argument("--every", type=int, default=10, help="a checkpoint every K edits, and after the last (default 10)")
-    from ..health import PROBE_FACTS
+    from ..studies.health import PROBE_FACTS
 
     sequential.add_argument("--probes", type=int, default=PROBE_FACTS,
                             help=f"probe facts: the first N of the bundled fact set the unedited model knows (default {PROBE_FACTS})")
@@ -234,10 +235,7 @@ def trace_options(args: argparse.Namespace):
 
 def edit_options(args: argparse.Namespace):
     """Edit options from the command line (checked against the model once it is loaded)."""
-    from ..editing import EditOptions, METHODS
-    from ..stats import StatsSpec
-
-    from ..editing import validate_choices
+    from ..editing import METHODS, EditOptions, StatsSpec, validate_options
 
     if args.method is not None and (args.method not in (*METHODS, "none") or (args.method == "none" and args.command != "evaluate")):
         raise InputError(f"unknown method {args.method!r}: use one of {', '.join(METHODS)}")
@@ -249,7 +247,7 @@ def edit_options(args: argparse.Namespace):
         steps=args.steps, clamp_factor=args.clamp_factor, loss_stop=args.loss_stop, strengthen=args.strengthen,
         templates=read_templates_file(args.prefixes_file) if args.prefixes_file else None, stats_file=args.stats_file,
     )
-    validate_choices(options)  # includes that a --stats-file exists
+    validate_options(options)  # the checks that need no model, a --stats-file's existence among them
     return options
 
 
@@ -262,7 +260,7 @@ def chosen_method(args: argparse.Namespace, options) -> str:
 
 def read_templates_file(path: str) -> tuple[str, ...]:
     """The context templates of a --prefixes-file: a JSON list of texts, each with one {}."""
-    from ..editing import validate_templates
+    from ..editing.settings import validate_templates
 
     templates = read_json_input(path, f"--prefixes-file {path}", "a list of templates")
     validate_templates(templates)

@@ -5,17 +5,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..export import json_text
-from ..prompts import InputError
+from ..core.errors import InputError
+from ..tracing.export import json_text
 from .arguments import chosen_method, edit_options, trace_options
 from .console import ProgressBar, load, write_json
 
+
 def run_trace(args: argparse.Namespace) -> int:
     """The ``trace`` command."""
-    from .. import export, plots
-    from ..prompts import clean_text
-    from ..attribution import estimate_trace
-    from ..tracing import trace
+    from ..app import plots
+    from ..core.prompts import clean_text
+    from ..tracing import export, trace
+    from ..tracing.attribution import estimate_trace
 
     options = trace_options(args)
     clean_text(args.prompt, "prompt")
@@ -40,8 +41,8 @@ def run_trace(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """The ``inspect`` command: one cell's logit-lens read-outs and the answer with and without its restoration."""
-    from ..inspection import inspect_cell, parse_cell
-    from ..prompts import clean_text
+    from ..core.prompts import clean_text
+    from ..tracing.inspection import inspect_cell, parse_cell
 
     options = trace_options(args)
     clean_text(args.prompt, "prompt")
@@ -60,8 +61,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_average(args: argparse.Namespace) -> int:
     """The ``average`` command."""
-    from ..aggregate import average_effects
-    from ..facts import load_facts
+    from ..core.facts import load_facts
+    from ..tracing.aggregate import average_effects
 
     facts = load_facts(args.facts, args.limit)
     options = trace_options(args)
@@ -78,8 +79,8 @@ def run_average(args: argparse.Namespace) -> int:
 
 def run_severed(args: argparse.Namespace) -> int:
     """The ``severed`` command."""
-    from ..aggregate import average_severed, known_prompts
-    from ..facts import load_facts
+    from ..core.facts import load_facts
+    from ..tracing.aggregate import average_severed, known_prompts
 
     options = trace_options(args)
     handle = load(args)
@@ -102,8 +103,8 @@ def run_known(args: argparse.Namespace) -> int:
     """The ``known`` command: correct completions per relation."""
     from dataclasses import replace
 
-    from ..aggregate import answer_starts_with, top_prediction
-    from ..facts import load_facts
+    from ..core.facts import load_facts
+    from ..core.scoring import answer_starts_with, top_prediction
 
     facts = load_facts(args.facts)
     handle = load(args)
@@ -131,10 +132,11 @@ def run_edit(args: argparse.Namespace) -> int:
     """The ``edit`` command: compute an edit, compare before and after, optionally save it."""
     from dataclasses import asdict
 
-    from ..compare import DECODED_METRICS, Probes, compare, with_true_target
-    from ..editing import compute_edit, make_request, validate_options
-    from ..edits import EditSession, load_edit
-    from ..generation import GREEDY, Sampling
+    from ..core.generation import GREEDY, Sampling
+    from ..core.progress import part_of
+    from ..editing import edit_fact, make_request, plan_edit
+    from ..editing.edits import EditSession, load_edit
+    from ..studies.compare import DECODED_METRICS, Probes, compare, with_true_target
 
     request = make_request(args.prompt, args.subject, args.target_new, args.target_true)
     options = edit_options(args)
@@ -142,15 +144,14 @@ def run_edit(args: argparse.Namespace) -> int:
     if not 1 <= args.tokens <= 200:
         raise InputError("--tokens must be between 1 and 200")
     handle = load(args)
-    validate_options(handle, options)
     session = EditSession(handle)
     for edit in saved:
         session.add(edit)
-    request = with_true_target(handle, request, session)
     bar = ProgressBar("editing")
     try:
-        with session.applied():
-            edit = compute_edit(handle, request, options, progress=bar)
+        plan = plan_edit(handle, options, part_of(bar, 0, 0.2))  # validates against the model before any pass
+        request = with_true_target(handle, request, session)
+        edit = edit_fact(session, request, plan, progress=bar)
     finally:
         bar.done()
     sampling = GREEDY if args.sample_seed is None else Sampling(top_k=50, seed=args.sample_seed)
@@ -189,14 +190,12 @@ def run_edit(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """The ``evaluate`` command: paper-style table on stderr, JSON to --json (or stdout)."""
-    from ..editing import validate_options
-    from ..evaluate import EvaluationSettings, evaluate, format_table, read_dataset
+    from ..studies.evaluate import EvaluationSettings, evaluate, format_table, read_dataset
 
     kind, cases = read_dataset(args.dataset, args.limit, zsre_target=args.zsre_target)
     options = edit_options(args)
     method = chosen_method(args, options)
     handle = load(args)
-    validate_options(handle, options)
     settings = EvaluationSettings(method=method, generation=not args.skip_generation, edit=options,
                                   decoded=not args.skip_decoded, zsre_target=args.zsre_target)
     partial = Path(args.json_out + ".partial.jsonl") if args.json_out else None
@@ -214,8 +213,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_sequential(args: argparse.Namespace) -> int:
     """The ``sequential`` command: a data set's edits one after another, checkpoints on stderr, JSON to --json."""
-    from ..evaluate import read_dataset
-    from ..sequential import SequentialSettings, sequential_run
+    from ..studies.evaluate import read_dataset
+    from ..studies.sequential import SequentialSettings, sequential_run
 
     kind, cases = read_dataset(args.dataset, args.limit, zsre_target=args.zsre_target)
     options = edit_options(args)
@@ -242,9 +241,9 @@ def run_sequential(args: argparse.Namespace) -> int:
 
 def sweep_request(args: argparse.Namespace):
     """The sweep's request and probes: from ``--case`` (the bundled hand-written cases) or the typed fields."""
-    from ..compare import Probes
     from ..editing import make_request
-    from ..evaluate import HANDWRITTEN_CASES, read_dataset
+    from ..studies.compare import Probes
+    from ..studies.evaluate import HANDWRITTEN_CASES, read_dataset
 
     if args.case is not None:
         if args.prompt or args.subject or args.target_new:
@@ -262,8 +261,8 @@ def sweep_request(args: argparse.Namespace):
 
 def run_sweep(args: argparse.Namespace) -> int:
     """The ``sweep`` command: one edit at each layer, each point on stderr as it comes, JSON to --json."""
-    from ..edits import EditSession
-    from ..sweep import parse_layers, sweep_layers
+    from ..editing.edits import EditSession
+    from ..studies.sweep import parse_layers, sweep_layers
     from ..tracing import TraceOptions, validate_options
 
     request, probes = sweep_request(args)

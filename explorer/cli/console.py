@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..export import json_text
+from ..tracing.export import json_text
 
 PROGRESS_WIDTH = 30
 
@@ -32,7 +32,7 @@ class ProgressBar:
 
 
 def load(args: argparse.Namespace):
-    from ..models import load_model
+    from ..core.models import load_model
 
     bar = ProgressBar("loading model")
     try:

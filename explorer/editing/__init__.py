@@ -14,9 +14,10 @@ token changes anywhere: both are computed once (their block outputs and keys/val
 and each step runs only the positions from the subject's last token on, through the layers from the
 edited one up. How an edit is computed and why its settings are what they are: docs/editing.md.
 
-The modules, in the order an edit goes through them:
+The package exports the workflow, its options, requests and results; the steps inside are imported from
+their modules. The modules, in the order an edit goes through them:
 
-- ``requests``: :func:`make_request`, a checked :class:`~explorer.edits.EditRequest`.
+- ``requests``: :func:`make_request`, a checked :class:`~explorer.editing.edits.EditRequest`.
 - ``settings``: :class:`EditOptions` (what a caller asks for), :func:`validate_options`, the settings
   tables (paper, family, model), :func:`resolve_settings` into an :class:`EditSettings` of concrete
   values, and the edit's layer (:func:`default_layer`, :func:`traced_peak_layer`, cached on disk).
@@ -25,119 +26,54 @@ The modules, in the order an edit goes through them:
   each v* step runs (:func:`suffix_pass`), replaying what does not change.
 - ``rome``: the v* loss and optimisation, the rank-one solve, and the strengthening of an edit that does
   not hold on its own prompt; ``ft``: the FT+L baseline.
-- ``edit``: the entry point, :func:`prepare` and :func:`compute_edit`; ``stored``: the cache's JSON files.
+- ``edit``: the one edit workflow, :func:`plan_edit` (validate once, resolve once, prefixes and C) and
+  :func:`edit_fact` (compute under the session's lock); ``stored``: the cache's JSON files.
+- ``edits``: an :class:`Edit` as data (saved, loaded) and :class:`EditSession`, one user's stack of edits
+  over a shared model, applied and undone exactly (through the model's weights owner).
+- ``statistics``: the keys' second moment C of a layer, computed once per model, corpus and size, on disk;
+  ``corpora``: the texts it is computed over (offline Wikipedia, sampled text, a user's files).
 
-Data flow: ``compute_edit(handle, request, options)`` → :func:`validate_options` → :func:`prepare` (layer,
-prefixes, C on the model's own weights) → :func:`resolve_settings` (once: everything below takes the
-resolved values) → ``compute_rome`` (rows → :func:`align` → :func:`precompute` → k* →
+Data flow: ``edit_fact(session, request, options)`` → :func:`plan_edit` (:func:`validate_options` once,
+:func:`resolve_settings` once with the layer: everything below takes the resolved values; prefixes and C on
+the model's own weights) → under ``session.applied()``: ``compute_rome`` (rows → :func:`align` → :func:`precompute` → k* →
 :func:`optimise_value` → :func:`rank_one_update` → :func:`edit_holds`, along :func:`scale_ladder`) or
-``compute_ft`` → an :class:`~explorer.edits.Edit` (data; applying it is :mod:`explorer.edits`'s job).
+``compute_ft`` → an :class:`~explorer.editing.edits.Edit` (data; applying it is :mod:`explorer.editing.edits`'s job).
 """
 from __future__ import annotations
 
-from .batch import (
-    KL_TEMPLATE,
-    AlignedBatch,
-    Precomputed,
-    PromptRow,
-    align,
-    context_keys_values,
-    precompute,
-    prefix_cache,
-    prompt_row,
-    replaying_below,
-    suffix_pass,
-)
-from .edit import Prepared, compute_edit, prepare
-from .ft import compute_ft
-from .prefixes import PREFIX_FORMAT, context_prefixes, context_templates
+from .corpora import StatsSpec
+from .edit import EditPlan, edit_fact, plan_edit
+from .edits import Edit, EditRequest, EditSession, load_edit
 from .requests import make_request
-from .rome import (
-    SCALE_STEP,
-    LossLayout,
-    ValueResult,
-    compute_rome,
-    edit_holds,
-    loss_layout,
-    optimise_value,
-    rank_one_update,
-    read_losses,
-    scale_ladder,
-)
 from .settings import (
-    FAMILY_SETTINGS,
     METHODS,
-    MODEL_SETTINGS,
-    PAPER_SETTINGS,
-    PROJECT_PREFIXES,
-    REFERENCE_LAYERS,
-    REFERENCE_SETTINGS,
     SETTINGS,
     EditOptions,
     EditSettings,
-    FtSettings,
-    ValueSettings,
     default_layer,
-    edit_layer,
-    resolve_settings,
     resolved_method,
-    resolved_setting,
     traced_peak_layer,
-    validate_choices,
     validate_options,
-    validate_templates,
 )
-
+from .statistics import SecondMoment
 
 __all__ = [
-    "AlignedBatch",
-    "EditOptions",
-    "EditSettings",
-    "FAMILY_SETTINGS",
-    "FtSettings",
-    "KL_TEMPLATE",
-    "LossLayout",
     "METHODS",
-    "MODEL_SETTINGS",
-    "PAPER_SETTINGS",
-    "PROJECT_PREFIXES",
-    "REFERENCE_LAYERS",
-    "REFERENCE_SETTINGS",
     "SETTINGS",
-    "PREFIX_FORMAT",
-    "Precomputed",
-    "Prepared",
-    "PromptRow",
-    "SCALE_STEP",
-    "ValueResult",
-    "ValueSettings",
-    "align",
-    "compute_edit",
-    "compute_ft",
-    "compute_rome",
-    "context_keys_values",
-    "context_prefixes",
-    "context_templates",
+    "Edit",
+    "EditOptions",
+    "EditPlan",
+    "EditRequest",
+    "EditSession",
+    "EditSettings",
+    "SecondMoment",
+    "StatsSpec",
     "default_layer",
-    "edit_holds",
-    "edit_layer",
-    "loss_layout",
+    "edit_fact",
+    "load_edit",
     "make_request",
-    "optimise_value",
-    "precompute",
-    "prefix_cache",
-    "prepare",
-    "prompt_row",
-    "rank_one_update",
-    "read_losses",
-    "replaying_below",
-    "resolve_settings",
+    "plan_edit",
     "resolved_method",
-    "resolved_setting",
-    "scale_ladder",
-    "suffix_pass",
     "traced_peak_layer",
-    "validate_choices",
     "validate_options",
-    "validate_templates",
 ]

@@ -14,12 +14,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .. import hooks
-from ..edits import EditRequest
-from ..generation import positions_from_mask
-from ..kv_cache import key_value_cache
-from ..models import LoadedModel
-from ..prompts import tokenize_at
+from ..core import hooks
+from ..core.generation import positions_from_mask
+from ..core.kv_cache import key_value_cache
+from ..core.models import LoadedModel
+from ..core.prompts import tokenize_at
+from .edits import EditRequest
 
 KL_TEMPLATE = "{} is a"  # the prompt whose next-token distribution the KL term keeps
 
@@ -143,7 +143,7 @@ def context_keys_values(handle: LoadedModel, batch: AlignedBatch) -> KeysValues:
     """Per layer, the keys/values of the batch's context columns (empty without any), kept for the next edit.
 
     They depend only on the context tokens and the weights: they are kept for the tokens and the model's
-    ``weights_state`` (which every :meth:`EditSession.applied` block sets), so an edit computed while
+    weights state (which every :meth:`EditSession.applied` block sets anew, :meth:`Weights.current <explorer.core.weights.Weights.current>`), so an edit computed while
     another is applied never reuses values from the unedited model, nor the other way round.
     """
     if not batch.context:
@@ -154,7 +154,7 @@ def context_keys_values(handle: LoadedModel, batch: AlignedBatch) -> KeysValues:
         with torch.no_grad():
             return _columns_keys_values(handle, batch, 0, batch.context, [])
 
-    return handle.context_keys_values.get(handle.weights_state, key, compute)
+    return handle.weights.current(key, compute)
 
 
 def _columns_keys_values(handle: LoadedModel, batch: AlignedBatch, start: int, stop: int, earlier: KeysValues) -> KeysValues:

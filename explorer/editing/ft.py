@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import hooks, offload
-from ..edits import EditRequest
-from ..models import LoadedModel
-from ..scoring import target_ids
+from ..core import hooks, offload
+from ..core.models import LoadedModel
+from ..core.scoring import target_ids
 from .batch import prompt_row, replaying_below
+from .edits import EditRequest
 from .settings import FtSettings
 
 

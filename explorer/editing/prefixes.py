@@ -7,9 +7,9 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ..generation import Sampling, added_token_ids, generate_ids, start_token
-from ..models import LoadedModel, cache_root, derived, model_fingerprint, own_weights
-from ..progress import Progress, no_progress
+from ..core.generation import Sampling, added_token_ids, generate_ids, start_token
+from ..core.models import LoadedModel, cache_root, model_fingerprint
+from ..core.progress import Progress, no_progress
 from .stored import read_json, write_json
 
 PREFIX_FORMAT = 2  # bump when the way prefixes are made changes (cached per model)
@@ -28,7 +28,7 @@ def context_prefixes(handle: LoadedModel, spec: PrefixSpec, waiting: Progress = 
     # Pairs as plain int tuples: the key must hash, and (5, 10) and [5, 10] ask for the same prefixes.
     prefixes, seed = tuple((int(length), int(count)) for length, count in spec.prefixes), int(spec.prefix_seed)
     key = ("context_prefixes", prefixes, seed)
-    return derived(handle, key, lambda: _stored_prefixes(handle, prefixes, seed), waiting)
+    return handle.weights.derived(key, lambda: _stored_prefixes(handle, prefixes, seed), waiting)
 
 
 def context_templates(prefixes: Sequence[str]) -> list[str]:
@@ -56,8 +56,7 @@ def _generated_prefixes(handle: LoadedModel, prefixes: Sequence[tuple[int, int]]
     banned = added_token_ids(handle)
     for index, (length, count) in enumerate(prefixes):
         sampling = Sampling(top_k=5, seed=seed * 1000 + index, banned=banned)
-        with own_weights(handle):
-            rows = generate_ids(handle, [[first]] * count, length, sampling)
+        rows = generate_ids(handle, [[first]] * count, length, sampling)
         for row in rows:
             text = handle.tokenizer.decode(row[1:], skip_special_tokens=True)
             # Braces would be read as template slots, markup and newlines are not prose.

@@ -1,8 +1,9 @@
 """Edit requests: a prompt template with one ``{}`` for the subject, the subject, and the new (and true) target."""
 from __future__ import annotations
 
-from ..edits import EditRequest
-from ..prompts import InputError, clean_text, quoted
+from ..core.errors import InputError
+from ..core.prompts import clean_text, quoted
+from .edits import EditRequest
 
 
 def make_request(prompt: str, subject: str, target_new: str, target_true: str | None = None) -> EditRequest:

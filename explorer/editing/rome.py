@@ -10,16 +10,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .. import hooks
-from ..edits import EditRequest
-from ..generation import pad_token
-from ..models import LoadedModel
-from ..progress import Progress
-from ..scoring import target_ids
-from ..stats import SecondMoment, solve
+from ..core import hooks
+from ..core.generation import pad_token
+from ..core.models import LoadedModel
+from ..core.progress import Progress
+from ..core.scoring import target_ids
 from .batch import AlignedBatch, Precomputed, align, context_keys_values, precompute, prompt_row, suffix_pass
+from .edits import EditRequest
 from .prefixes import context_templates
 from .settings import PAPER_SETTINGS, EditSettings, ValueSettings
+from .statistics import SecondMoment, solve
 
 SCALE_STEP = 1.1  # an edit that does not hold is tried again with δ × 1.1, 1.21, … (scale_ladder)
 
@@ -195,7 +195,7 @@ def edit_holds(handle: LoadedModel, request: EditRequest, layer: int, right: tor
     can be realised too weakly at the bare prompt's key (its key is not k*): compute_rome then
     strengthens it (docs/evaluation.md).
     """
-    from ..scoring import mean_nll
+    from ..core.scoring import mean_nll
 
     u, lam = left.to(handle.device, torch.float32), right.to(handle.device, torch.float32)
     with torch.no_grad(), hooks.adding_to_output(handle.arch.mlp_out(layer), lambda x: (x.float() @ u).unsqueeze(-1) * lam):

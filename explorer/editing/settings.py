@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import LoadedModel, cache_root, derived, model_fingerprint, own_weights
-from ..progress import Progress, no_progress
-from ..prompts import InputError, is_whole_number, quoted
-from ..stats import StatsSpec
+from ..core.errors import InputError
+from ..core.models import EMBEDDED_FINGERPRINT, LoadedModel, cache_root, model_fingerprint
+from ..core.progress import Progress, no_progress
+from ..core.prompts import is_whole_number, quoted
+from .statistics import StatsSpec
 from .stored import read_json, write_json
 
 METHODS = ("rome", "rome-original", "ft")
@@ -38,12 +39,13 @@ FAMILY_SETTINGS: dict[str, dict] = {
     # large and the loss never reaches the early stop; a small decay edits as well, in fewer steps.
     "gemma3_text": {"weight_decay": 1e-3},
 }
+# Keyed by what a model is (its fingerprint), not by the name it was loaded under.
 MODEL_SETTINGS: dict[str, dict] = {
     # The embedded model: edits at its MLP effect's peak layer spill onto other subjects, so the layer is the
     # measured one. δ always ends on its clamp there and what reaches a neighbour grows with ‖δ‖, so the clamp
     # is small; an edit that then does not hold on its own prompt is strengthened along δ (scale_ladder).
     # On the clamp the loss creeps down slowly without changing the outcome, hence the early stop.
-    "default": {"layer": 1, "clamp_factor": 0.5, "loss_stop": 0.3},
+    EMBEDDED_FINGERPRINT: {"layer": 1, "clamp_factor": 0.5, "loss_stop": 0.3},
 }
 
 
@@ -144,16 +146,12 @@ def resolved_method(options: EditOptions) -> str:
     return REFERENCE_SETTINGS["method"] if options.settings == "reference" else "rome"
 
 
-def validate_options(handle: LoadedModel, options: EditOptions) -> None:
-    """Raise :class:`InputError` for options the engine cannot run, before touching the model."""
-    validate_choices(options)
-    if options.layer is not None and not (is_whole_number(options.layer) and 0 <= options.layer < handle.num_layers):
-        shown = options.layer if is_whole_number(options.layer) else quoted(str(options.layer))
-        raise InputError(f"layer {shown} is out of range; this model has layers 0 to {handle.num_layers - 1}")
+def validate_options(options: EditOptions, handle: LoadedModel | None = None) -> None:
+    """Raise :class:`InputError` for options the engine cannot run, before touching the model.
 
-
-def validate_choices(options: EditOptions) -> None:
-    """The checks that need no model: run by the CLI before loading one, so a typo costs no wait."""
+    Without ``handle``, the checks that need no model (the CLI runs them before loading one, so a typo costs
+    no wait); with it, also that the layer exists in that model.
+    """
     if options.settings not in SETTINGS:
         raise InputError(f"unknown settings {quoted(str(options.settings))}: use one of {', '.join(SETTINGS)}")
     if options.method is not None and options.method not in METHODS:
@@ -183,6 +181,9 @@ def validate_choices(options: EditOptions) -> None:
         raise InputError("prefixes must be (tokens 1 to 64, how many 0 to 100) pairs, and the prefix seed 0 or more")
     if options.templates is not None:
         validate_templates(options.templates)
+    if handle is not None and options.layer is not None and not (is_whole_number(options.layer) and 0 <= options.layer < handle.num_layers):
+        shown = options.layer if is_whole_number(options.layer) else quoted(str(options.layer))
+        raise InputError(f"layer {shown} is out of range; this model has layers 0 to {handle.num_layers - 1}")
     if options.strengthen not in (None, True, False):
         raise InputError("strengthen must be true, false or left out")
     if options.stats_file is not None and not Path(str(options.stats_file)).expanduser().is_file():
@@ -211,7 +212,7 @@ def resolved_setting(handle: LoadedModel, options: EditOptions, name: str) -> fl
         return getattr(options, name)
     if options.settings == "reference":
         return REFERENCE_SETTINGS[name]
-    for measured in (MODEL_SETTINGS.get(handle.name, {}), FAMILY_SETTINGS.get(handle.arch.model_type, {})):
+    for measured in (MODEL_SETTINGS.get(model_fingerprint(handle), {}), FAMILY_SETTINGS.get(handle.arch.model_type, {})):
         if name in measured:
             return measured[name]
     return PAPER_SETTINGS[name]
@@ -263,8 +264,9 @@ def edit_layer(handle: LoadedModel, options: EditOptions, progress: Progress = n
 
 def default_layer(handle: LoadedModel, facts_limit: int = 40, progress: Progress = no_progress) -> int:
     """The layer edits use unless told: a measured choice where there is one, else the traced peak."""
-    if "layer" in MODEL_SETTINGS.get(handle.name, {}):
-        return MODEL_SETTINGS[handle.name]["layer"]
+    measured = MODEL_SETTINGS.get(model_fingerprint(handle), {})
+    if "layer" in measured:
+        return measured["layer"]
     return traced_peak_layer(handle, facts_limit, progress)
 
 
@@ -274,7 +276,7 @@ def traced_peak_layer(handle: LoadedModel, facts_limit: int = 40, progress: Prog
     Computed once per model with the tracing engine on the model's own weights, over the first
     ``facts_limit`` facts of the project's fact set that the model completes correctly, and cached on disk.
     """
-    return derived(handle, ("traced_peak_layer", facts_limit), lambda: _stored_peak_layer(handle, facts_limit, progress), progress)
+    return handle.weights.derived(("traced_peak_layer", facts_limit), lambda: _stored_peak_layer(handle, facts_limit, progress), progress)
 
 
 def _stored_peak_layer(handle: LoadedModel, facts_limit: int, progress: Progress) -> int:
@@ -284,10 +286,9 @@ def _stored_peak_layer(handle: LoadedModel, facts_limit: int, progress: Progress
     if is_whole_number(layer) and 0 <= layer < handle.num_layers:
         return int(layer)
     # Missing or damaged (not JSON, no layer, a layer this model lacks): traced again and rewritten.
-    from ..aggregate import last_subject_mlp_effects  # here: the tracing engine loads only when a layer must be traced
+    from ..tracing.aggregate import last_subject_mlp_effects  # here: the tracing engine loads only when a layer must be traced
 
-    with own_weights(handle):
-        effects, used = last_subject_mlp_effects(handle, facts_limit, progress)
+    effects, used = last_subject_mlp_effects(handle, facts_limit, progress)
     layer = int(np.argmax(effects))
     write_json(path, {"layer": layer, "facts": used, "mlp_effect_by_layer": effects.tolist()})
     return layer

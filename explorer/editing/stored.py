@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..atomic import write_atomically
+from ..core.atomic import write_atomically
 
 
 def read_json(path: Path) -> Any:

@@ -4,7 +4,7 @@ A trace makes one clean run and ``samples`` corrupted runs (noise on the subject
 then, for every cell (token, layer) of each *kind*, restores the clean state in the corrupted runs and
 measures the answer's mean probability.
 
-The straightforward algorithm (``reference``) reruns the whole model for every cell. The engine skips
+The straightforward algorithm (``explorer/testing/reference_trace.py``) reruns the whole model for every cell. The engine skips
 the work that cannot change: the clean and corrupted runs are made once (``runs``); cells before the
 subject, and final-layer hidden cells off the last token, restore a state equal to the corrupted one and
 are not run (``plan``); all cells restoring one token share one batched pass (``scheduling``), which
@@ -35,9 +35,16 @@ The modules, one job each:
 - ``unembedding``: the answer's probability, a softmax over blocks of the vocabulary.
 - ``results``: :class:`TraceResult` and :class:`SeveredResult`, plain values and numpy arrays.
 - ``api``: :func:`trace`, :func:`last_subject_effects`, :func:`trace_severed`.
-- ``reference``: the plain per-cell executor (one whole forward pass per cell, as the paper describes
-  it), which the tests hold the batched one to; the tests' independent oracle is
-  ``explorer/testing/oracle.py``, which imports nothing from here.
+
+Built on the engine, each in its own module (import them from their modules):
+
+- ``aggregate``: the average indirect effect over many facts by token category, and the severed averages.
+- ``attribution``: the gradient estimate of a whole trace in seconds, and its agreement with the trace.
+- ``inspection``: one cell opened up (the top tokens with and without the restoration).
+- ``export``: trace results as JSON, CSV and ROME's npz layout (the CLI's files, the app's downloads).
+
+The plain per-cell executor the batched one is held to lives with the tests' helpers
+(``explorer/testing/reference_trace.py``), beside the independent oracle ``explorer/testing/oracle.py``.
 
 The names below are the package's public surface; import them from ``explorer.tracing``.
 """
@@ -45,7 +52,6 @@ from .api import last_subject_effects, trace, trace_severed
 from .executor import BatchedPass, run_pass
 from .options import DEFAULT_LIMITS, KINDS, TraceLimits, TraceOptions, validate_options
 from .plan import Cell, PassPlan, cells_for_kind, plan_pass, severed_cells, window_layers
-from .reference import reference_score, reference_scores, reference_trace
 from .results import SEVERED_KEYS, SeveredResult, TraceResult, trace_result
 from .runs import (
     CleanAndCorrupted,
@@ -80,9 +86,6 @@ __all__ = [
     "last_subject_effects",
     "plan_pass",
     "prepare_prompt",
-    "reference_score",
-    "reference_scores",
-    "reference_trace",
     "run_clean_and_corrupted",
     "run_pass",
     "score_cells",

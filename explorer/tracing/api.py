@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..models import LoadedModel
-from ..progress import Progress, no_progress, part_of
+from ..core.models import LoadedModel
+from ..core.progress import Progress, no_progress, part_of
 from .options import DEFAULT_LIMITS, TraceLimits, TraceOptions
 from .plan import cells_for_kind, severed_cells
 from .results import SEVERED_KEYS, SeveredResult, TraceResult, trace_result
@@ -31,7 +31,7 @@ def trace(
     """
     began = time.perf_counter()
     tokenized, guessed, noise_std = validated_inputs(handle, prompt, subject, options, limits)
-    with handle.lock:
+    with handle.weights.locked():
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
         # All kinds' cells go through one scheduler: cells of different kinds that restore the same token
         # from the same block share batched passes without recomputing anything for nothing.
@@ -71,12 +71,13 @@ def _filling(
 
 
 def last_subject_effects(
-    handle: LoadedModel, prompt: str, subject: str, kind: str = "mlp", options: TraceOptions = TraceOptions()
+    handle: LoadedModel, prompt: str, subject: str, kind: str = "mlp", options: TraceOptions = TraceOptions(),
+    limits: TraceLimits = DEFAULT_LIMITS,
 ) -> np.ndarray:
     """Indirect effect per layer of restoring ``kind`` at the subject's last token (one row of a trace)."""
-    tokenized, _guessed, noise_std = validated_inputs(handle, prompt, subject, options, DEFAULT_LIMITS)
+    tokenized, _guessed, noise_std = validated_inputs(handle, prompt, subject, options, limits)
     token = tokenized.subject_range[1] - 1
-    with handle.lock:
+    with handle.weights.locked():
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
         cells = cells_for_kind(kind, tokenized, handle.num_layers, options.window)
         layers = [layer for layer in range(handle.num_layers) if (token, layer) in cells]
@@ -95,7 +96,7 @@ def trace_severed(
 ) -> SeveredResult:
     """The paper's severed-path analysis for one prompt (its Figure 3 averages this over facts)."""
     tokenized, _, noise_std = validated_inputs(handle, prompt, subject, options, limits)
-    with handle.lock:
+    with handle.weights.locked():
         runs = run_clean_and_corrupted(handle, tokenized, options, noise_std)
         scores = {}
         for step, (key, severed_kind) in enumerate(SEVERED_KEYS.items()):

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from .. import hooks
-from ..kv_cache import key_value_cache
-from ..models import LoadedModel
+from ..core import hooks
+from ..core.kv_cache import key_value_cache
+from ..core.models import LoadedModel
 from .plan import Cell, plan_pass
 from .runs import CleanAndCorrupted
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..prompts import InputError, clean_text, is_whole_number
+from ..core.errors import InputError
+from ..core.prompts import clean_text, is_whole_number
 
 KINDS = ("hidden", "mlp", "attn")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..prompts import TokenizedPrompt
+from ..core.prompts import TokenizedPrompt
 
 
 @dataclass(frozen=True)

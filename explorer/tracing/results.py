@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..models import LoadedModel
-from ..prompts import TokenizedPrompt
+from ..core.models import LoadedModel
+from ..core.prompts import TokenizedPrompt
 from .options import TraceOptions
 from .runs import CleanAndCorrupted
 

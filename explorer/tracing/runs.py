@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import hooks
-from ..models import LoadedModel, derived, own_weights
-from ..prompts import InputError, TokenizedPrompt, clean_text, guess_subject, tokenize_prompt
+from ..core import hooks
+from ..core.errors import InputError
+from ..core.models import LoadedModel
+from ..core.prompts import TokenizedPrompt, clean_text, guess_subject, tokenize_prompt
 from .options import DEFAULT_LIMITS, KINDS, TraceLimits, TraceOptions, validate_options
 from .unembedding import answer_probabilities
 
@@ -41,14 +42,14 @@ def subject_noise(samples: int, n_subject_tokens: int, hidden: int, seed: int) -
 def embedding_std(handle: LoadedModel, subjects: Sequence[str] | None = None) -> float:
     """σ: standard deviation of the embedding-output vectors of subject tokens (cached per model)."""
     if subjects is None:
-        from ..facts import load_facts
+        from ..core.facts import load_facts
 
         every_subject = sorted({fact.subject for fact in load_facts()})
-        return derived(handle, ("embedding_std",), lambda: embedding_std(handle, every_subject))
+        return handle.weights.derived(("embedding_std",), lambda: embedding_std(handle, every_subject))
     ids = []
     for subject in subjects:
         ids.extend(handle.tokenizer(subject, add_special_tokens=False)["input_ids"])
-    with own_weights(handle), torch.no_grad():
+    with handle.weights.own(), torch.no_grad():
         vectors = handle.arch.embedding(torch.tensor([ids], device=handle.device))
     return float(vectors.double().std())  # float64: a sum over ~10^5 values loses digits in float32
 

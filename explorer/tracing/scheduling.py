@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..models import LoadedModel
-from ..progress import Progress, no_progress
+from ..core.models import LoadedModel
+from ..core.progress import Progress, no_progress
 from .executor import run_pass
 from .plan import Cell
 from .runs import CleanAndCorrupted

@@ -6,8 +6,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .. import offload
-from ..models import LoadedModel
+from ..core import offload
+from ..core.models import LoadedModel
 
 # Vocabulary entries per block of the answer's softmax: each block's logits are a small array (never
 # [rows, vocabulary]); this size is the fastest one measured (docs/performance.md, "Tracing engine").

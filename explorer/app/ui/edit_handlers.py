@@ -1,0 +1,132 @@
+"""The Edit tab's handlers: an edit with its before/after report, undo and reset, free completions, bundled cases."""
+from __future__ import annotations
+
+import functools
+
+import gradio as gr
+
+from ...core.errors import InputError
+from ...core.generation import complete
+from ...editing import edit_fact, make_request, validate_options
+from ...studies.compare import GENERATION_TOKENS, Probes, compare, with_true_target
+from ...studies.evaluate import HANDWRITTEN_CASES, read_dataset
+from ...studies.health import baseline_fluency, model_health, probe_facts
+from .. import plots
+from . import config
+from .inputs import check_lengths, edit_options, optional_int, prompt_lines
+from .jobs import JobReport, user_errors
+from .sessions import Workspace, active_rows
+
+
+@user_errors
+def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrases, neighborhood, generate,
+             workspace: Workspace, progress=gr.Progress()):
+    """Edit handler: compute the edit, add it to this session, and show before vs after."""
+    session = workspace.session
+    if len(session.edits) >= config.LIMITS.max_edits:
+        raise InputError(f"{len(session.edits)} edits are active, the limit; undo one first")
+    handle = session.handle
+    request = make_request(prompt, subject, target_new, target_true or None)
+    options = edit_options(config.EDIT_OPTIONS, method, optional_int(layer, "layer"))
+    validate_options(options, handle)  # before the length checks and the true target's pass: a typo costs no wait
+    check_lengths(handle, (request.filled, request.target_new, request.target_true or ""), "edit prompt and targets")
+    probes = Probes(check_lengths(handle, prompt_lines(paraphrases, "paraphrases"), "paraphrases"),
+                    check_lengths(handle, prompt_lines(neighborhood, "neighbourhood prompts"), "neighbourhood prompts"),
+                    check_lengths(handle, prompt_lines(generate, "prompts to complete"), "prompts to complete") or (request.filled,),
+                    new_tokens=min(GENERATION_TOKENS, config.LIMITS.max_new_tokens))
+    report = JobReport(workspace, progress)
+    request = with_true_target(handle, request, session)
+    edit = edit_fact(session, request, options, progress=report)
+    result = compare(session, edit, probes)
+    session.add(edit)
+    rows = comparison_rows(request, probes, result)
+    return (
+        rows,
+        plots.probability_bars(rows),
+        plots.generations_html(result, request.target_new, request.target_true),
+        plots.metrics_markdown(result["metrics"], result["warnings"]),
+        active_rows(session),
+        workspace,
+        session_health(session),
+    )
+
+
+def session_health(session) -> str:
+    """The health line of the session's model with its applied edits (probe facts, fluency, ‖ΔW‖/‖W‖, warnings)."""
+    handle = session.handle
+    unedited = baseline_fluency(handle)
+    health = model_health(session, probe_facts(handle), unedited).to_json()
+    return plots.health_markdown({**health, "baseline_fluency": unedited})
+
+
+@user_errors
+def toggle_edit(number, workspace: Workspace):
+    """Switch one edit (by its number; the last when empty) off, or on again; the list and the model's health."""
+    session = workspace.session
+    chosen = optional_int(number, "edit number")
+    session.toggle(-1 if chosen is None else chosen - 1)
+    return active_rows(session), session_health(session), workspace
+
+
+def comparison_rows(request, probes: Probes, report: dict) -> list[list]:
+    """One row per prompt: its role, P(new) and P(true) before and after."""
+    before, after = report["before"], report["after"]
+    rows = [["edit", request.filled, before["target_new_prob"], after["target_new_prob"],
+             before["target_true_prob"], after["target_true_prob"]]]
+    for role, key, prompts in (("paraphrase", "paraphrases", probes.paraphrases), ("neighbour", "neighborhood", probes.neighborhood)):
+        for i, text in enumerate(prompts):
+            rows.append([role, text, before[key]["target_new_prob"][i], after[key]["target_new_prob"][i],
+                         before[key]["target_true_prob"][i], after[key]["target_true_prob"][i]])
+    return [[*row[:2], *(round(float(v), 6) for v in row[2:])] for row in rows]
+
+
+COMPARISON_HEADERS = ["role", "prompt", "P(new) before", "P(new) after", "P(true) before", "P(true) after"]
+
+
+@user_errors
+def undo_edit(number, workspace: Workspace):
+    """Undo one edit (by its number in the list; the last when empty)."""
+    session = workspace.session
+    chosen = optional_int(number, "edit number")
+    session.undo(-1 if chosen is None else chosen - 1)
+    return active_rows(session), workspace
+
+
+@user_errors
+def reset_edits(workspace: Workspace):
+    """Remove every edit of this session."""
+    session = workspace.session
+    session.clear()
+    return active_rows(session), workspace
+
+
+@user_errors
+def complete_prompts(text, workspace: Workspace):
+    """Greedy completions of each line on this session's model (with its edits), as an HTML table."""
+    session = workspace.session
+    prompts = check_lengths(session.handle, prompt_lines(text, "prompts"), "prompts")
+    if not prompts:
+        raise InputError("type at least one prompt to complete")
+    with session.applied():
+        texts = complete(session.handle, prompts, min(GENERATION_TOKENS, config.LIMITS.max_new_tokens))
+    rows = "".join(f"<tr><td class='prompt'>{plots.safe_label(p)}</td><td class='completion'>{plots.safe_label(t)}</td></tr>"
+                   for p, t in zip(prompts, texts))
+    return f"<table class='completions'><tr><th>prompt</th><th>completion ({len(session.edits)} edit(s) active)</th></tr>{rows}</table>"
+
+
+@functools.lru_cache(maxsize=1)
+def sample_cases() -> tuple:
+    """The bundled CounterFact cases, read once per process."""
+    return tuple(read_dataset(HANDWRITTEN_CASES)[1])
+
+
+def sample_case_labels() -> list[str]:
+    """Labels of the bundled CounterFact cases offered as examples."""
+    return [f"{c.case_id}: {c.request.filled} → {c.request.target_new.strip()}" for c in sample_cases()]
+
+
+def fill_from_case(label: str):
+    """The edit panel's fields from a bundled CounterFact case."""
+    case = {c.case_id: c for c in sample_cases()}[label.split(":", 1)[0]]
+    r = case.request
+    return r.prompt, r.subject, r.target_new, r.target_true, "\n".join(case.paraphrases), "\n".join(case.neighborhood), "\n".join(case.generation)

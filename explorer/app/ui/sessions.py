@@ -1,0 +1,125 @@
+"""The models the app shares and each browser session's state (its model, its edits, its files), and loading another model."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import gradio as gr
+
+from ...core.models import DEFAULT_MODEL, LoadedModel, load_model
+from ...editing.edits import EditSession
+from .. import plots
+from ..model_policy import check_model
+from ..preparation import Preparation, Status
+from . import config
+from .config import MAX_LOADED_MODELS
+from .jobs import user_errors
+
+_model_lock = threading.Lock()
+_models: OrderedDict[str, LoadedModel] = OrderedDict()
+_preparations: dict[str, Preparation] = {}
+
+
+def shared_model(name: str = DEFAULT_MODEL, progress=None) -> LoadedModel:
+    """The one loaded copy of ``name`` that every session shares."""
+    with _model_lock:
+        if name not in _models:
+            _models[name] = load_model(name, progress=progress)
+            while len(_models) > MAX_LOADED_MODELS:
+                _models.popitem(last=False)
+        _models.move_to_end(name)
+        return _models[name]
+
+
+def start_preparation(name: str) -> Preparation:
+    """Load ``name`` and prepare its default edit in the background, once per model."""
+    with _model_lock:
+        preparation = _preparations.setdefault(name, Preparation(name))
+    return preparation.start(lambda progress: shared_model(name, progress=progress), config.EDIT_OPTIONS)
+
+
+class Workspace:
+    """One browser session's state: its model, its edits over that shared model, a cancel flag, its files."""
+
+    def __init__(self, model_name: str = DEFAULT_MODEL):
+        self.model_name = model_name
+        self.cancel = threading.Event()
+        self._session: EditSession | None = None
+        self._files: Path | None = None
+
+    def __deepcopy__(self, memo) -> Workspace:
+        # Gradio deep-copies a State's initial value for each new browser session: start that one empty.
+        return Workspace(self.model_name)
+
+    @property
+    def session(self) -> EditSession:
+        if self._session is None:
+            self._session = EditSession(shared_model(self.model_name))
+        return self._session
+
+    def switch_model(self, name: str, handle: LoadedModel) -> None:
+        """Work on ``handle`` from now on; edits made on the previous model are dropped."""
+        self.model_name, self._session = name, EditSession(handle)
+
+    def files(self) -> Path:
+        """This session's download folder, emptied for each new result."""
+        self.close()
+        self._files = Path(tempfile.mkdtemp(prefix="rome-explorer-"))
+        return self._files
+
+    def close(self) -> None:
+        """Remove this session's download folder (Gradio calls it when the session's state is deleted)."""
+        if self._files is not None:
+            shutil.rmtree(self._files, ignore_errors=True)
+            self._files = None
+EDIT_LIST_HEADERS = ["#", "applied", "subject", "prompt", "target_new", "layer", "method", "|ΔW|"]
+
+
+def active_rows(session: EditSession) -> list[list]:
+    """The session's edits, oldest first, each applied ("on") or kept but switched off ("off")."""
+    return [[i + 1, "on" if e["on"] else "off", e["request"]["subject"], e["request"]["prompt"], e["request"]["target_new"],
+             e["layer"], e["method"], round(e["delta_norm"], 3)] for i, e in enumerate(session.active())]
+
+
+def model_summary(handle: LoadedModel) -> str:
+    parameters = sum(p.numel() for p in handle.model.parameters())
+    return (f"**{plots.safe_label(handle.name)}**: {handle.arch.model_type}, {handle.num_layers} layers, "
+            f"{parameters / 1e6:.0f}M parameters")
+
+
+def status_line(workspace: Workspace):
+    """The model status line: this session's model and its background preparation; the poll stops once it is done."""
+    name = workspace.model_name
+    preparation = _preparations.get(name)
+    status = preparation.status() if preparation else None
+    loaded = _models.get(name)
+    line = model_summary(loaded) if loaded is not None else f"Model: **{plots.safe_label(name)}**"
+    if status is None:
+        line += "" if loaded is not None else " (loaded on first use)"
+    elif status.running:
+        line += f" · {plots.safe_label(status.message)} ({100 * status.fraction:.0f}%)"
+    else:
+        line += f" · {'could not prepare: ' if status.failed else ''}{plots.safe_label(status.message)}"
+    return line, gr.Timer(active=bool(status and status.running))
+
+
+def preparation_status(name: str) -> dict:
+    """Where the background preparation of model ``name`` stands, for scripts that wait for it."""
+    preparation = _preparations.get(name)
+    status = preparation.status() if preparation else Status(0.0, "not started", running=False, loaded=name in _models)
+    return {"model": name, **status.to_json()}
+
+
+@user_errors
+def load_session_model(name, workspace: Workspace, progress=gr.Progress()):
+    """Switch this session to another model (a hub name or a local folder); its edits on the old model are dropped."""
+    name = str(name or "").strip() or DEFAULT_MODEL
+    check_model(name, config.LIMITS)  # which models, how large: refused here before anything is loaded or downloaded
+    handle = shared_model(name, progress=lambda f, m: progress(f, desc=m))
+    workspace.switch_model(name, handle)
+    start_preparation(name)  # the model is loaded: this prepares its first edit in the background
+    line, poll = status_line(workspace)
+    return line, active_rows(workspace.session), workspace, poll
