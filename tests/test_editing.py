@@ -192,7 +192,14 @@ def test_settings_come_from_the_option_then_the_model_then_the_family_then_the_p
     assert resolved_setting(handle, EditOptions(), "weight_decay") == 1e-3  # Gemma 3's family setting
     assert resolved_setting(handle, EditOptions(), "clamp_factor") == 4.0  # the paper's
     assert resolved_setting(build_tiny("gpt2"), EditOptions(), "weight_decay") == 0.5
-    monkeypatch.setattr(handle, "name", "default")  # the embedded model's measured settings
+    from explorer.core.models import EMBEDDED_FINGERPRINT, model_fingerprint
+    from explorer.editing import settings as edit_settings
+
+    named_default = build_tiny("gemma3_text")
+    object.__setattr__(named_default, "name", "default")  # the load name is not what the model is
+    assert resolved_setting(named_default, EditOptions(), "clamp_factor") == 4.0
+    # A model whose fingerprint has measured settings (as the embedded one's has) gets them.
+    monkeypatch.setitem(edit_settings.MODEL_SETTINGS, model_fingerprint(handle), edit_settings.MODEL_SETTINGS[EMBEDDED_FINGERPRINT])
     assert resolved_setting(handle, EditOptions(), "clamp_factor") == 0.5 and default_layer(handle) == 1
     assert resolved_setting(handle, EditOptions(), "loss_stop") == 0.3
     assert resolved_setting(handle, EditOptions(clamp_factor=3.0, weight_decay=0.25), "clamp_factor") == 3.0
@@ -461,3 +468,25 @@ def test_switching_an_edit_off_and_on_restores_the_exact_weights():
     assert all(torch.equal(a, b) for a, b in zip(own, weights()))
     with pytest.raises(InputError, match="no edit number 5"):
         session.switch(5, on=False)
+
+
+def test_every_read_of_the_weights_while_an_edit_is_made_is_under_the_models_lock(monkeypatch):
+    """The edit's matrix norm and shape are read holding the lock, with the session's edits applied: in a threaded
+    host a read outside it could see another session's edit (bug 4 of issue 27)."""
+    handle = build_tiny("llama")
+    reads = []
+    architecture = type(handle.arch)
+    values = architecture.mlp_out_values
+
+    def spied(arch, layer):
+        reads.append(handle.weights.held())
+        return values(arch, layer)
+
+    monkeypatch.setattr(architecture, "mlp_out_values", spied)
+    session = EditSession(handle)
+    session.add(edit_fact(session, REQUEST, FAST))
+    reads.clear()
+    edit = edit_fact(session, make_request("{} is located in the city of", "The Louvre", " Rome"), FAST)
+    assert reads and all(reads), reads
+    with session.applied():  # the norm of the matrix as the session's edits leave it, not the model's own
+        assert edit.weight_norm == float(values(handle.arch, edit.layer).double().norm())

@@ -164,11 +164,16 @@ def test_average_and_severed_panels_draw_the_figures(tiny_app, tmp_path):
     for fact in facts:
         fact["attribute"] = tiny_app.tokenizer.decode([top_prediction(tiny_app, fact["prompt"])]).strip()
     upload.write_text(json.dumps(facts))
+    trace_downloads = traced("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden"], 2, 2, 3,
+                             workspace, **QUIET)[5]
     figure, summary, path = ui.run_average(str(upload), 2, ["hidden", "mlp"], 2, workspace, **QUIET)
     saved = json.loads(Path(path).read_text())
     assert saved["facts_total"] == 2 and "2 of 2" in summary
     assert {t.name.split(" (n=")[0] for t in figure.data if t.name} >= {"last subject token", "last token"}
+    average_path = path
     figure, summary, path = ui.run_severed(str(upload), 2, 2, workspace, **QUIET)
+    # The Trace tab's and the Average panel's links, still on the page, keep working (bug 2 of issue 27).
+    assert all(Path(link).is_file() for link in [*trace_downloads, average_path, path])
     assert {t.name.split(" (n=")[0] for t in figure.data if t.name} == {"ordinary", "mlp severed", "attn severed"}
     (tmp_path / "bad.json").write_text("[1, 2")
     with pytest.raises(gr.Error, match="not valid UTF-8 JSON"):
@@ -417,6 +422,105 @@ def test_the_sweep_traces_under_the_caps_the_operator_set(tiny_app, monkeypatch)
     _figure, rows, _summary = sweep(60)
     assert [row[0] for row in rows] == [1]
     monkeypatch.setattr(ui.config, "LIMITS", AppLimits(max_samples=5))
-    with pytest.raises(Exception, match="at most 5") as refused:
+    with pytest.raises(Exception, match="between 1 and 5") as refused:
         sweep(6)
     assert "50" not in str(refused.value)
+
+
+def test_cancel_stops_a_sweep_even_after_another_job_started(tiny_app, monkeypatch):
+    """Cancel stops every running job of the session: a trace started during a sweep does not take the sweep's
+    cancel flag away, so the sweep's worker stops editing (bug 1 of issue 27)."""
+    import threading
+    import time
+
+    from explorer.app.ui import sweep_handlers
+    from explorer.studies import sweep as sweep_study
+
+    started, gate = [], threading.Event()
+    original = sweep_study.sweep_point
+
+    def slow_point(*args, **kwargs):
+        started.append(args[3].layer)
+        gate.wait(10)  # the first point waits until the test has started a trace and pressed Cancel
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_study, "sweep_point", slow_point)
+    workspace, outcome = ui.Workspace(), []
+
+    def run() -> None:
+        try:
+            list(sweep_handlers.run_sweep("{} is located in the city of", "The Eiffel Tower", " Rome", "", "", "", "rome",
+                                          "0-3", 2, workspace, **QUIET))
+            outcome.append("finished")
+        except Exception as error:  # noqa: BLE001 - the handler reports the cancel as a Gradio error
+            outcome.append(str(error))
+
+    sweeping = threading.Thread(target=run, daemon=True)
+    sweeping.start()
+    deadline = time.monotonic() + 30
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert started == [0]
+    traced("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, **QUIET)
+    ui.cancel_job(workspace)
+    gate.set()
+    sweeping.join(30)
+    assert len(outcome) == 1 and "cancelled" in outcome[0]
+    time.sleep(1.0)  # long enough for a worker that was not stopped to start the next layers
+    assert started == [0], "the sweep's worker went on editing after Cancel"
+
+
+def test_a_slow_load_does_not_stall_other_sessions_and_a_held_model_is_never_loaded_twice(monkeypatch):
+    """Loading one model does not hold up sessions of another; a model dropped from the registry while a session
+    holds it is reused, not loaded again; a copy loaded again after it was dropped is prepared again (bug 3)."""
+    import gc
+    import threading
+
+    from explorer.app.ui import sessions
+
+    loads, slow_gate, planned = [], threading.Event(), []
+
+    def load(name, progress=None):
+        loads.append(name)
+        if name == "slow":
+            slow_gate.wait(30)
+        return build_tiny("llama")
+
+    monkeypatch.setattr(sessions, "load_model", load)
+    monkeypatch.setattr(sessions, "_models", type(sessions._models)())
+    monkeypatch.setattr(sessions, "_retired", __import__("weakref").WeakValueDictionary(), raising=False)
+    monkeypatch.setattr(sessions, "_loading", {}, raising=False)
+    monkeypatch.setattr(sessions, "_preparations", {})
+    monkeypatch.setattr(ui.config, "MAX_LOADED_MODELS", 1)
+    monkeypatch.setattr(ui.config, "EDIT_OPTIONS", EditOptions(steps=3, prefixes=((3, 2),), stats=StatsSpec(corpus="identity")))
+    from explorer.app import preparation
+
+    plan = preparation.plan_edit
+    monkeypatch.setattr(preparation, "plan_edit", lambda handle, *a, **k: planned.append(handle) or plan(handle, *a, **k))
+
+    first = sessions.shared_model("a")
+    slow = threading.Thread(target=sessions.shared_model, args=("slow",), daemon=True)
+    slow.start()
+    while "slow" not in loads:
+        threading.Event().wait(0.01)
+    other = []
+    quick = threading.Thread(target=lambda: other.append(sessions.shared_model("a")), daemon=True)
+    quick.start()
+    quick.join(5)
+    assert other == [first], "a session of model a waited for the load of another model"
+    slow_gate.set()
+    slow.join(30)
+    # "a" was dropped for "slow" (one model kept), but this test still holds it: asked again, the same copy.
+    assert sessions.shared_model("a") is first and loads == ["a", "slow"]
+    sessions.start_preparation("a").wait(60)
+    assert planned == [first]
+    del first
+    other.clear()
+    planned.clear()
+    sessions.shared_model("slow")  # drops "a" again; nothing holds it now
+    gc.collect()
+    again = sessions.shared_model("a")
+    assert loads[-1] == "a" and loads.count("a") == 2  # loaded again: no session held it
+    assert "a" in sessions._preparations, "the copy loaded again was never prepared"
+    sessions._preparations["a"].wait(60)
+    assert planned == [again]

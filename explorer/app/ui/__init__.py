@@ -2,7 +2,8 @@
 
 * ``config``: limits, edit options and the trace cache every handler reads.
 * ``inputs``: values typed into the page, checked.
-* ``jobs``: one job of a session: clear errors, a worker thread that a cancel stops waiting for, progress.
+* ``errors``: the engines' clear errors as Gradio messages.
+* ``jobs``: one job of a session: a worker thread that a cancel stops waiting for, progress, cancel.
 * ``sessions``: the shared models and each browser session's state (its model, edits and files).
 * ``trace_handlers``, ``edit_handlers``, ``sweep_handlers``, ``average_handlers``: what each tab's buttons run.
 * ``layout``: the page and its wiring; ``launch`` starts it.

@@ -8,8 +8,9 @@ from ...tracing import TraceOptions, export
 from ...tracing.aggregate import average_effects, average_severed, known_prompts
 from .. import plots
 from . import config
+from .errors import user_errors
 from .inputs import fact_set, trace_options
-from .jobs import JobReport, in_worker, user_errors
+from .jobs import JobReport, in_worker
 from .sessions import Workspace
 
 
@@ -28,7 +29,7 @@ def run_average(upload, limit, kinds, samples, workspace: Workspace, progress=gr
     result = in_worker(work, report.cancelled)
     if not result["facts_correct"]:
         raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to average")
-    path = workspace.files() / "average.json"
+    path = workspace.files("average") / "average.json"
     export.write_data(result, path)
     summary = f"{result['facts_correct']} of {result['facts_total']} facts completed correctly and traced."
     return plots.average_figure(result), summary, str(path)
@@ -50,6 +51,6 @@ def run_severed(upload, limit, samples, workspace: Workspace, progress=gr.Progre
             return prompts, average_severed(session.handle, prompts, options, config.LIMITS.trace, progress=report)
 
     prompts, result = in_worker(work, report.cancelled)
-    path = workspace.files() / "severed.json"
+    path = workspace.files("severed") / "severed.json"
     export.write_data(result, path)
     return plots.severed_figure(result), f"{len(prompts)} of {len(facts)} facts completed correctly and severed.", str(path)

@@ -13,8 +13,9 @@ from ...studies.evaluate import HANDWRITTEN_CASES, read_dataset
 from ...studies.health import baseline_fluency, model_health, probe_facts
 from .. import plots
 from . import config
+from .errors import user_errors
 from .inputs import check_lengths, edit_options, optional_int, prompt_lines
-from .jobs import JobReport, user_errors
+from .jobs import JobReport
 from .sessions import Workspace, active_rows
 
 

@@ -1,59 +1,15 @@
-"""Running one job of a browser session: user-facing errors, streaming from a worker thread, progress and cancel."""
+"""Running one job of a browser session: streaming from a worker thread, progress and cancel."""
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import functools
-import html
-import inspect
 import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-import gradio as gr
-
-from ...core.errors import InputError, ModelLoadError
 from ...core.progress import Cancelled
 from . import config
-
-if TYPE_CHECKING:  # sessions use jobs' error handling
-    from .sessions import Workspace
-
-USER_ERRORS = (InputError, ModelLoadError, FloatingPointError, Cancelled)
-
-
-@contextlib.contextmanager
-def _as_gradio_errors():
-    try:
-        yield
-    except Cancelled:
-        raise gr.Error("cancelled") from None
-    except USER_ERRORS as error:
-        # Gradio shows the message as HTML and it may repeat what the user typed: escape it.
-        raise gr.Error(html.escape(str(error), quote=False)) from None
-
-
-def user_errors(handler):
-    """Turn the engines' clear errors into Gradio messages; anything else stays a bug to see in the log.
-
-    Works for plain handlers and for generators (handlers that stream their results).
-    """
-    if inspect.isgeneratorfunction(handler):
-        @functools.wraps(handler)
-        def streaming(*args, **kwargs):
-            with _as_gradio_errors():
-                yield from handler(*args, **kwargs)
-
-        return streaming
-
-    @functools.wraps(handler)
-    def wrapped(*args, **kwargs):
-        with _as_gradio_errors():
-            return handler(*args, **kwargs)
-
-    return wrapped
+from .sessions import Workspace
 
 
 def streamed(work, every: float, stopped: Callable[[], bool] | None = None):
@@ -115,12 +71,13 @@ def in_worker(work, stopped: Callable[[], bool]):
 class JobReport:
     """The progress callback of one job of a session; it stops the job once the session pressed cancel.
 
-    Each job has a cancel flag of its own, which becomes the session's current one: a job started right
-    after a cancel must not clear the flag that the cancelled job has yet to see.
+    Each job has a cancel flag of its own, registered with its session: Cancel stops every job of the session
+    that is still running (a sweep's worker thread as well as a trace started after it), and a job started right
+    after a cancel does not clear the flag that the cancelled job has yet to see.
     """
 
     def __init__(self, workspace: Workspace, progress) -> None:
-        self._flag = workspace.cancel = threading.Event()
+        self._flag = workspace.new_job()
         self._progress = progress
 
     def __call__(self, fraction: float, message: str) -> None:
@@ -135,6 +92,6 @@ CANCELLED_NOTE = "cancelled: the job stops at its next step; run it again when y
 
 
 def cancel_job(workspace: Workspace) -> str:
-    """Ask this session's running job to stop at its next progress step; the note the page shows instead of its result."""
-    workspace.cancel.set()
+    """Ask this session's running jobs to stop at their next progress step; the note the page shows instead of a result."""
+    workspace.cancel_jobs()
     return CANCELLED_NOTE

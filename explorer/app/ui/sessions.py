@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -15,40 +16,73 @@ from .. import plots
 from ..model_policy import check_model
 from ..preparation import Preparation, Status
 from . import config
-from .config import MAX_LOADED_MODELS
-from .jobs import user_errors
+from .errors import user_errors
 
-_model_lock = threading.Lock()
-_models: OrderedDict[str, LoadedModel] = OrderedDict()
+# The registry's lock guards the dictionaries only: a model loads under a lock of its own name, so a slow load
+# never stalls sessions that use another model.
+_registry = threading.Lock()
+_models: OrderedDict[str, LoadedModel] = OrderedDict()  # the most recently used, at most MAX_LOADED_MODELS
+# Models dropped from _models that a session still holds: asked for again, they are reused, never loaded twice.
+_retired: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
+_loading: dict[str, threading.Lock] = {}
 _preparations: dict[str, Preparation] = {}
 
 
 def shared_model(name: str = DEFAULT_MODEL, progress=None) -> LoadedModel:
     """The one loaded copy of ``name`` that every session shares."""
-    with _model_lock:
-        if name not in _models:
-            _models[name] = load_model(name, progress=progress)
-            while len(_models) > MAX_LOADED_MODELS:
-                _models.popitem(last=False)
-        _models.move_to_end(name)
-        return _models[name]
+    with _registry:
+        handle = _kept(name)
+        if handle is not None:
+            return handle
+        loading = _loading.setdefault(name, threading.Lock())
+    with loading:
+        with _registry:
+            handle = _kept(name)
+        if handle is not None:
+            return handle
+        handle = load_model(name, progress=progress)
+        with _registry:
+            _models[name] = handle
+            # A fresh copy: the preparation of an earlier, dropped copy does not hold for it.
+            earlier = _preparations.pop(name, None)
+            while len(_models) > config.MAX_LOADED_MODELS:
+                dropped, copy = _models.popitem(last=False)
+                _retired[dropped] = copy
+    if earlier is not None:
+        start_preparation(name)  # the copy loaded again is prepared as the first one was
+    return handle
+
+
+def _kept(name: str) -> LoadedModel | None:
+    """The loaded copy of ``name``, if there is one (call holding ``_registry``)."""
+    handle = _models.get(name)
+    if handle is None:
+        handle = _retired.pop(name, None)
+        if handle is None:
+            return None
+        _models[name] = handle
+    _models.move_to_end(name)
+    while len(_models) > config.MAX_LOADED_MODELS:
+        dropped, copy = _models.popitem(last=False)
+        _retired[dropped] = copy
+    return handle
 
 
 def start_preparation(name: str) -> Preparation:
-    """Load ``name`` and prepare its default edit in the background, once per model."""
-    with _model_lock:
+    """Load ``name`` and prepare its default edit in the background, once per loaded copy of the model."""
+    with _registry:
         preparation = _preparations.setdefault(name, Preparation(name))
     return preparation.start(lambda progress: shared_model(name, progress=progress), config.EDIT_OPTIONS)
 
 
 class Workspace:
-    """One browser session's state: its model, its edits over that shared model, a cancel flag, its files."""
+    """One browser session's state: its model, its edits over that shared model, its running jobs, its files."""
 
     def __init__(self, model_name: str = DEFAULT_MODEL):
         self.model_name = model_name
-        self.cancel = threading.Event()
         self._session: EditSession | None = None
-        self._files: Path | None = None
+        self._files: dict[str, Path] = {}
+        self._jobs: weakref.WeakSet[threading.Event] = weakref.WeakSet()  # the cancel flags of jobs still running
 
     def __deepcopy__(self, memo) -> Workspace:
         # Gradio deep-copies a State's initial value for each new browser session: start that one empty.
@@ -64,17 +98,33 @@ class Workspace:
         """Work on ``handle`` from now on; edits made on the previous model are dropped."""
         self.model_name, self._session = name, EditSession(handle)
 
-    def files(self) -> Path:
-        """This session's download folder, emptied for each new result."""
-        self.close()
-        self._files = Path(tempfile.mkdtemp(prefix="rome-explorer-"))
-        return self._files
+    def new_job(self) -> threading.Event:
+        """A cancel flag for a job starting now, set by :meth:`cancel_jobs` while the job runs."""
+        flag = threading.Event()
+        self._jobs.add(flag)
+        return flag
+
+    def cancel_jobs(self) -> None:
+        """Ask every job of this session that is still running to stop (each at its next progress step)."""
+        for flag in list(self._jobs):
+            flag.set()
+
+    def files(self, kind: str) -> Path:
+        """This session's download folder for results of ``kind`` ("trace", "average", "severed"), emptied for each
+        new result of that kind: the links another tab still shows keep working."""
+        old = self._files.pop(kind, None)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._files[kind] = Path(tempfile.mkdtemp(prefix=f"rome-explorer-{kind}-"))
+        return self._files[kind]
 
     def close(self) -> None:
-        """Remove this session's download folder (Gradio calls it when the session's state is deleted)."""
-        if self._files is not None:
-            shutil.rmtree(self._files, ignore_errors=True)
-            self._files = None
+        """Remove this session's download folders (Gradio calls it when the session's state is deleted)."""
+        for folder in self._files.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        self._files.clear()
+
+
 EDIT_LIST_HEADERS = ["#", "applied", "subject", "prompt", "target_new", "layer", "method", "|ΔW|"]
 
 

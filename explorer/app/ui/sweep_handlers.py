@@ -11,8 +11,9 @@ from ...tracing import TraceOptions
 from ...tracing import validate_options as validate_trace_options
 from .. import plots
 from . import config
+from .errors import user_errors
 from .inputs import check_lengths, edit_options, prompt_lines, trace_options
-from .jobs import JobReport, streamed, user_errors
+from .jobs import JobReport, streamed
 from .sessions import Workspace
 
 SWEEP_HEADERS = ["layer", "ES", "PS", "NS", "score", "P(new)", "P(true)", "|ΔW|", "seconds"]

@@ -17,8 +17,9 @@ from ...tracing.attribution import agreement, estimate_trace
 from ...tracing.inspection import inspect_cell, parse_cell
 from .. import plots
 from . import config
+from .errors import user_errors
 from .inputs import trace_options
-from .jobs import JobReport, in_worker, streamed, user_errors
+from .jobs import JobReport, in_worker, streamed
 from .sessions import Workspace
 
 
@@ -52,7 +53,7 @@ def _trace_outputs(result: TraceResult, session: EditSession, workspace: Workspa
     applied = len(session.applied_edits())
     caption = plots.caption(result) + (f" (on the model with {applied} edit(s) of yours)" if applied else "")
     layer = peak_mlp_layer(result)
-    return (*_figures(result), caption, result.subject, write_downloads(result, workspace.files()),
+    return (*_figures(result), caption, result.subject, write_downloads(result, workspace.files("trace")),
             gr.update() if layer is None else str(layer), workspace)
 
 
