@@ -75,7 +75,7 @@ def test_fingerprint_depends_on_the_model_not_on_how_it_was_loaded(tmp_path):
     options = EditOptions(layer=1, steps=2, prefixes=((3, 2),), stats=StatsSpec(corpus="identity"))
     session.add(edit_fact(EditSession(loaded[0]), make_request("{} is in", "Paris", " Rome"), options))
     with session.applied():
-        loaded[0].own_values.forget()  # asked for the first time while an edit is applied: still the model's own id
+        loaded[0].weights.forget_derived()  # asked for the first time while an edit is applied: still the model's own id
         assert models.model_fingerprint(loaded[0]) == expected
 
 
