@@ -45,9 +45,7 @@ def shared_model(name: str = DEFAULT_MODEL, progress=None) -> LoadedModel:
             _models[name] = handle
             # A fresh copy: the preparation of an earlier, dropped copy does not hold for it.
             earlier = _preparations.pop(name, None)
-            while len(_models) > config.MAX_LOADED_MODELS:
-                dropped, copy = _models.popitem(last=False)
-                _retired[dropped] = copy
+            _drop_least_recent()
     if earlier is not None:
         start_preparation(name)  # the copy loaded again is prepared as the first one was
     return handle
@@ -62,10 +60,16 @@ def _kept(name: str) -> LoadedModel | None:
             return None
         _models[name] = handle
     _models.move_to_end(name)
+    _drop_least_recent()
+    return handle
+
+
+def _drop_least_recent() -> None:
+    """Keep at most MAX_LOADED_MODELS in the registry; a dropped model stays reachable while a session holds it
+    (call holding ``_registry``)."""
     while len(_models) > config.MAX_LOADED_MODELS:
         dropped, copy = _models.popitem(last=False)
         _retired[dropped] = copy
-    return handle
 
 
 def start_preparation(name: str) -> Preparation:
