@@ -5,6 +5,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,3 +140,20 @@ def default_model():
     from explorer.core.models import load_model
 
     return load_model()
+
+
+HOSTILE_MARKUP = "<img src=x onerror=alert(1)>"
+
+
+def hostile_trace_result():
+    """A made-up trace whose prompt, subject and answer are markup, for what shows and saves it."""
+    from explorer.tracing import TraceResult
+
+    rng = np.random.default_rng(0)
+    return TraceResult(
+        model="m", prompt=f"{HOSTILE_MARKUP} is in", subject=HOSTILE_MARKUP, subject_guessed=False,
+        tokens=["<bos>", "<img", " src=x", " onerror=alert(1)>", " is", " in"], subject_range=(1, 4),
+        answer=" </script>", answer_id=7, high_score=0.8, low_score=0.1,
+        scores={k: rng.uniform(0.1, 0.8, (6, 3)) for k in ("hidden", "mlp", "attn")},
+        noise=3.0, noise_std=3.09, samples=10, window=10, seed=1, seconds=1.5, num_layers=3,
+    )

@@ -1,6 +1,6 @@
 """Driving the app's page in a browser (a Playwright page of ``app_server.launch_browser``): trace, edit, read back.
 
-Shared by the browser tests and ``benchmarks/bench_app.py``; the selectors are the app's element ids.
+Shared by the browser tests and ``benchmarks/speed/bench_app.py``; the selectors are the app's element ids.
 """
 from __future__ import annotations
 

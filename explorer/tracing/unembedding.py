@@ -27,7 +27,7 @@ def answer_probabilities(
     model would otherwise exponentiate with 3 significant digits), their max, and the float32 sum of
     exp(logit − max); the blocks merge in float64. So it never holds a [rows, vocabulary] array (its
     accuracy against a float64 softmax, and its speed against whole rows: docs/performance.md).
-    ``block_logits(states, vocab_slice)`` replaces the model's head (benchmarks/bench_unembedding.py
+    ``block_logits(states, vocab_slice)`` replaces the model's head (benchmarks/speed/bench_unembedding.py
     tries other ways of computing the same product).
     """
     block_logits = block_logits or handle.arch.logits

@@ -1,0 +1,121 @@
+"""The README's promises about how the project is run."""
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _readme_test_command() -> str:
+    block = (REPO / "README.md").read_text().split("<!-- test-command -->", 1)[1]
+    return re.search(r"```bash\n(.*?)\n```", block, re.S).group(1).strip()
+
+
+def test_ci_runs_the_readme_test_command_unchanged():
+    """The line of `.ci/run` that finds the command, run as it stands there, yields the README's command."""
+    script = (REPO / ".ci" / "run").read_text()
+    finder = re.search(r"^command=\$\((.*)\)$", script, re.M).group(1)
+    extracted = subprocess.run(["bash", "-c", finder], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    command = _readme_test_command()
+    assert extracted == command
+    assert 'bash -c "$command"' in script and script.index("export CI=true") < script.index('bash -c "$command"')
+    assert "requirements-test.txt" in command and "pytest" in command
+    assert "-rs" in command.split()  # skips are listed with their reasons
+
+
+def test_ci_installs_the_browser_the_tests_look_for():
+    from tests.app_server import CHROMIUM
+
+    assert f"[ ! -x {CHROMIUM} ]" in (REPO / ".ci" / "run").read_text()
+
+
+def test_a_skip_fails_under_ci_and_hypothesis_is_derandomized(tmp_path):
+    """tests/ci_strict.py, run by a real pytest on a file that skips and one that reports hypothesis's settings."""
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\nfrom hypothesis import settings\n"
+        "def test_skips():\n    pytest.skip('no such thing here')\n"
+        "def test_profile():\n    print('derandomize', settings().derandomize)\n"
+    )
+    import os
+
+    def run(ci: str | None):
+        env = {key: value for key, value in os.environ.items() if key != "CI"} | {"PYTHONPATH": str(REPO)}
+        env |= {"CI": ci} if ci is not None else {}
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-rs", "-p", "tests.ci_strict", "-p", "no:cacheprovider", str(tmp_path)],
+            cwd=tmp_path, env=env, capture_output=True, text=True,
+        )
+
+    strict, relaxed = run("true"), run(None)
+    assert strict.returncode == 1 and "every test must run: no such thing here" in strict.stdout, strict.stdout
+    assert "derandomize True" in strict.stdout
+    assert relaxed.returncode == 0 and "SKIPPED" in relaxed.stdout and "derandomize False" in relaxed.stdout, relaxed.stdout
+
+
+def test_readme_front_matter_makes_a_gradio_space():
+    front = (REPO / "README.md").read_text().split("---")[1]
+    assert "sdk: gradio" in front and "app_file: app.py" in front
+
+
+def test_torch_is_pinned():
+    assert "torch==2.13.0" in (REPO / "requirements.txt").read_text().splitlines()
+
+
+def test_readme_layout_names_every_package_and_each_manual_every_module():
+    """A newcomer reads the architecture from ``ls explorer/``: the root holds packages only, the README's layout
+    names each, and each package's ``__init__`` docstring names every module in it."""
+    root = REPO / "explorer"
+    assert sorted(path.name for path in root.glob("*.py")) == ["__init__.py", "__main__.py"]
+    layout = (REPO / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    packages = sorted(path.parent for path in root.rglob("__init__.py"))
+    top = {package.name for package in packages if package.parent == root}
+    assert sorted(name for name in top if f"{name}/" not in layout) == []
+    for package in packages:
+        manual = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+        members = [path.stem for path in package.glob("*.py") if path.stem != "__init__"]
+        members += [path.parent.name for path in package.glob("*/__init__.py")]
+        assert sorted(name for name in members if f"``{name}``" not in manual and f"{name}/" not in manual) == [], package
+
+
+# Test folders that are not one package's unit tests: engines run together on real models and servers, and the
+# project's own promises.
+TEST_FOLDERS_APART = {"integration", "project"}
+# Benchmark results written by the package's own commands rather than by a script beside them.
+COMMAND_RESULT_FOLDERS = {"evaluate", "sequential", "average"}
+
+
+def test_tests_mirror_the_packages():
+    """Each folder of unit tests is a package of ``explorer/`` at the same path; integration tests live apart."""
+    for folder in sorted(p for p in (REPO / "tests").rglob("*") if p.is_dir() and p.name != "__pycache__"):
+        relative = folder.relative_to(REPO / "tests")
+        if relative.parts[0] in TEST_FOLDERS_APART:
+            assert len(relative.parts) == 1, f"tests/{relative} nests under a folder kept apart"
+            continue
+        package = REPO / "explorer" / relative
+        assert (package / "__init__.py").exists(), f"tests/{relative} mirrors no package explorer/{relative}"
+        for test_file in folder.glob("test_*.py"):
+            module = test_file.stem.removeprefix("test_")
+            # test_handlers.py covers the package's *_handlers modules together.
+            named = [m for m in package.glob("*.py") if m.stem == module or m.stem.endswith(f"_{module}")]
+            assert named, f"{test_file.relative_to(REPO)} names no module of explorer/{relative}"
+    loose = sorted(p.name for p in (REPO / "tests").glob("test_*.py"))
+    assert loose == [], f"test files outside the package folders: {loose}"
+
+
+def test_benchmarks_separate_speed_from_studies_with_results_beside_each_script():
+    root = REPO / "benchmarks"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "__pycache__") == ["speed", "studies"]
+    assert [p.name for p in root.iterdir() if p.is_file()] == ["README.md"]
+    index = (root / "README.md").read_text()
+    for kind in ("speed", "studies"):
+        scripts = {p.stem for p in (root / kind).glob("*.py")}
+        for script in scripts:
+            assert f"`{kind}/{script}.py`" in index, f"benchmarks/README.md does not list {kind}/{script}.py"
+        for result in (p for p in (root / kind).iterdir() if p.is_file() and p.suffix != ".py"):
+            assert any(result.name.startswith(script) for script in scripts), \
+                f"benchmarks/{kind}/{result.name} lies beside no script named like it"
+        for folder in (p for p in (root / kind).iterdir() if p.is_dir() and p.name != "__pycache__"):
+            assert kind == "studies" and folder.name in COMMAND_RESULT_FOLDERS, f"benchmarks/{kind}/{folder.name}/ is no command's results"
+            assert f"`studies/{folder.name}/`" in index
