@@ -5,9 +5,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .assets import ASSETS
 from .errors import InputError
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_FACTS = ASSETS / "known_facts.json"
 REQUIRED_KEYS = ("subject", "attribute", "template", "prompt")
 

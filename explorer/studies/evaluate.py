@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import InputError
-from ..core.facts import ASSETS
+from ..core.assets import ASSETS
 from ..core.generation import Sampling, continuation_ids
 from ..core.models import LoadedModel
 from ..core.progress import Progress, no_progress, part_of

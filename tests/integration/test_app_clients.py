@@ -171,7 +171,8 @@ def test_compare_traces_the_original_and_the_edited_model(app_url):
 @pytest.fixture(scope="module")
 def fact_file(served, tmp_path_factory):
     """A fact set of three: two the tiny model completes (their attribute relabelled to its own answer), one it does not."""
-    from explorer.core.facts import ASSETS, parse_facts
+    from explorer.core.assets import ASSETS
+    from explorer.core.facts import parse_facts
     from explorer.core.models import load_model
     from explorer.core.scoring import predicts, top_prediction
 

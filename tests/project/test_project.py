@@ -1,5 +1,7 @@
 """The README's promises about how the project is run."""
 import ast
+import json
+import os
 import re
 import subprocess
 import sys
@@ -119,3 +121,31 @@ def test_benchmarks_separate_speed_from_studies_with_results_beside_each_script(
         for folder in (p for p in (root / kind).iterdir() if p.is_dir() and p.name != "__pycache__"):
             assert kind == "studies" and folder.name in COMMAND_RESULT_FOLDERS, f"benchmarks/{kind}/{folder.name}/ is no command's results"
             assert f"`studies/{folder.name}/`" in index
+
+
+def test_the_package_list_names_every_package():
+    """pyproject.toml lists the packages by hand (a folder outside explorer/ maps to explorer.assets): none missing."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "explorer").rglob("__init__.py")}
+    assert listed == found | {"explorer.assets"}
+
+
+def test_a_wheel_installed_outside_the_checkout_reads_the_bundled_data(tmp_path):
+    """`pip install .` (no checkout beside it): the fact set and the CounterFact records are read from the wheel."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel"),
+                    str(REPO)], check=True, capture_output=True)
+    wheel = next((tmp_path / "wheel").glob("*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)], check=True,
+                   capture_output=True)
+    probe = ("from explorer.core.assets import ASSETS; from explorer.core.facts import load_facts; "
+             "from explorer.studies.evaluate import REAL_COUNTERFACT; import json; "
+             "print(json.dumps([str(ASSETS), len(load_facts()), REAL_COUNTERFACT.is_file()]))")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assets, facts, counterfact = json.loads(run.stdout.strip().splitlines()[-1])
+    assert Path(assets) == target / "explorer" / "assets"
+    assert facts == len(json.loads((REPO / "assets" / "known_facts.json").read_text())) and counterfact
