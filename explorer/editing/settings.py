@@ -55,9 +55,15 @@ REFERENCE_SETTINGS: dict = {
     "method": "rome-original", "weight_decay": 0.5, "clamp_factor": 4.0, "loss_stop": 0.05,
     "prefixes": ((4, 10), (9, 10)), "strengthen": False,
 }
-# The layers the reference's hyperparameter files name; any other model edits at its traced MLP peak.
-REFERENCE_LAYERS: dict[str, int] = {
-    "gpt2-medium": 8, "gpt2-large": 12, "gpt2-xl": 17, "EleutherAI/gpt-j-6B": 5, "EleutherAI/gpt-neox-20b": 15,
+# The layers the reference's hyperparameter files name; any other model edits at its traced MLP peak. Keyed by
+# the model's shape (family, blocks, width), not by the name it was loaded under, so that a local copy of
+# gpt2-xl edits at layer 17 too.
+REFERENCE_LAYERS: dict[tuple[str, int, int], int] = {
+    ("gpt2", 24, 1024): 8,  # gpt2-medium
+    ("gpt2", 36, 1280): 12,  # gpt2-large
+    ("gpt2", 48, 1600): 17,  # gpt2-xl
+    ("gptj", 28, 4096): 5,  # EleutherAI/gpt-j-6B
+    ("gpt_neox", 44, 6144): 15,  # EleutherAI/gpt-neox-20b
 }
 PROJECT_PREFIXES = ((5, 10), (10, 10))  # (tokens, how many)
 
@@ -256,8 +262,9 @@ def edit_layer(handle: LoadedModel, options: EditOptions, progress: Progress = n
     if options.layer is not None:
         return options.layer
     if options.settings == "reference":
-        if handle.name in REFERENCE_LAYERS:
-            return REFERENCE_LAYERS[handle.name]
+        shape = (handle.arch.model_type, handle.num_layers, handle.model.config.hidden_size)
+        if shape in REFERENCE_LAYERS:
+            return REFERENCE_LAYERS[shape]
         return traced_peak_layer(handle, progress=progress)
     return default_layer(handle, progress=progress)
 

@@ -490,3 +490,19 @@ def test_every_read_of_the_weights_while_an_edit_is_made_is_under_the_models_loc
     assert reads and all(reads), reads
     with session.applied():  # the norm of the matrix as the session's edits leave it, not the model's own
         assert edit.weight_norm == float(values(handle.arch, edit.layer).double().norm())
+
+
+def test_reference_settings_take_the_reference_layer_by_the_models_shape_not_its_name():
+    """A model shaped as gpt2-medium and GPT-J, loaded under any name, gets the layer the reference's hparams name."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig
+
+    from explorer.core.models import prepare
+    from explorer.editing.settings import edit_layer
+
+    tokenizer = build_tiny("gpt2").tokenizer
+    for config, layer in ((GPT2Config(n_layer=24, n_embd=1024, n_head=16), 8), (GPTJConfig(n_layer=28, n_embd=4096, n_head=16), 5)):
+        with torch.device("meta"):  # the shapes alone: no weights are made
+            model = AutoModelForCausalLM.from_config(config)
+        handle = prepare("/home/me/models/my-local-copy", model, tokenizer)
+        assert edit_layer(handle, EditOptions(settings="reference")) == layer
+        assert edit_layer(handle, EditOptions(settings="reference", layer=3)) == 3
