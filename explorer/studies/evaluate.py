@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import InputError
 from ..core.assets import ASSETS
+from ..core.errors import InputError
 from ..core.generation import Sampling, continuation_ids
 from ..core.models import LoadedModel
 from ..core.progress import Progress, no_progress, part_of

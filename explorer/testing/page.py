@@ -10,15 +10,33 @@ TIMEOUT_MS = 240_000
 
 
 def fill(page, elem_id: str, text: str) -> None:
-    """Type ``text`` into a field; typed again if the field was drawn anew meanwhile (an accordion just
-    opened can re-render its fields and drop what was typed)."""
+    """Type ``text`` into a field, and check a moment later that the field still shows it."""
     field = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    for _attempt in range(3):
-        field.fill(text)
-        page.wait_for_timeout(100)
-        if field.input_value() == text:
-            return
-    raise AssertionError(f"the field #{elem_id} would not keep {text!r}")
+    field.fill(text)
+    page.wait_for_timeout(100)
+    shown = field.input_value()
+    assert shown == text, f"the field #{elem_id} shows {shown!r}, not the {text!r} typed into it"
+
+
+# Types into a field in the same task in which its element is added to the page (before any frame is drawn):
+# the earliest moment a user could, and where a panel that draws its fields late used to wipe them.
+TYPE_AS_IT_APPEARS = """([id, text]) => {
+  const type = field => {
+    Object.getOwnPropertyDescriptor(Object.getPrototypeOf(field), 'value').set.call(field, text);
+    field.dispatchEvent(new Event('input', {bubbles: true}));
+  };
+  const observer = new MutationObserver(() => {
+    const field = document.querySelector(`#${id} textarea, #${id} input`);
+    if (field) { observer.disconnect(); type(field); }
+  });
+  observer.observe(document.body, {childList: true, subtree: true});
+}"""
+
+
+def type_as_it_appears(page, elem_id: str, text: str) -> None:
+    """Type ``text`` into the field ``elem_id`` the moment it appears (call before opening its panel)."""
+    assert page.locator(f"#{elem_id} textarea, #{elem_id} input").count() == 0, f"#{elem_id} is drawn already"
+    page.evaluate(TYPE_AS_IT_APPEARS, [elem_id, text])
 
 
 # Gradio drops a click on a button while that button's last job is still pending (its trigger mode "once"): a

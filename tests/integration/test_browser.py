@@ -9,6 +9,7 @@ from explorer.testing.page import (
     EDIT_COUNT,
     PROMPT,
     SUBJECT,
+    SWEEP_DONE,
     TIMEOUT_MS,
     caption,
     edit,
@@ -18,6 +19,7 @@ from explorer.testing.page import (
     sweep,
     tick_labels,
     trace,
+    type_as_it_appears,
     wait_for_health,
     wait_until_idle,
 )
@@ -233,6 +235,22 @@ COLUMN = "([id, col]) => Array.from(document.querySelectorAll(`#${id} [role=grid
 def table_column(page, elem_id: str, column: int) -> list[str]:
     """One column of a table (a Gradio Dataframe) on the page, top to bottom."""
     return page.evaluate(COLUMN, [elem_id, column])
+
+
+def test_text_typed_the_moment_a_late_panel_opens_is_kept_and_sent(tiny_app, browser):
+    """Bug 7 of issue 27: Gradio draws a later tab's and a closed accordion's fields only when they open, and a
+    frame later set them back to their initial values, so a sweep typed as "0-1" right then ran every layer."""
+    page = browser(tiny_app[0])
+    type_as_it_appears(page, "edit-target-new", " Paris")  # in a tab not shown at first
+    page.get_by_role("tab", name="Edit").click()
+    type_as_it_appears(page, "sweep-layers", "0-1")  # in a closed accordion
+    page.get_by_text("Layer sweep: does the traced layer edit best?").click()
+    page.wait_for_timeout(1500)  # well past the frame after which Gradio set the fields again
+    for elem_id, typed in (("edit-target-new", " Paris"), ("sweep-layers", "0-1")):
+        assert page.locator(f"#{elem_id} textarea").input_value() == typed, elem_id
+    page.locator("#sweep-button").click()
+    page.wait_for_function(SWEEP_DONE, timeout=2 * TIMEOUT_MS)
+    assert table_column(page, "sweep-table", 0) == ["0", "1"]
 
 
 def test_switching_an_edit_off_and_on_and_the_layer_sweep_in_the_browser(tiny_app, browser):

@@ -6,7 +6,8 @@
 * ``jobs``: one job of a session: a worker thread that a cancel stops waiting for, progress, cancel.
 * ``sessions``: the shared models and each browser session's state (its model, edits and files).
 * ``trace_handlers``, ``edit_handlers``, ``sweep_handlers``, ``average_handlers``: what each tab's buttons run.
-* ``layout``: the page and its wiring; ``launch`` starts it.
+* ``layout``: the page and its wiring; ``launch`` starts it. ``lazy_panels``: fields in panels Gradio draws late
+  (a closed accordion, a later tab) keep what is typed the moment they appear.
 
 Data flow: a button → its handler → ``inputs`` checks → the engine (tracing, editing, aggregate) on the
 session's model with its edits applied → ``plots``/``export`` → the page.

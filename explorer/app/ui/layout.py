@@ -26,6 +26,7 @@ from .edit_handlers import (
 )
 from .inputs import METHOD_CHOICES
 from .jobs import cancel_job
+from .lazy_panels import keep_typed_values
 from .sessions import EDIT_LIST_HEADERS, Workspace, load_session_model, preparation_status, start_preparation, status_line
 from .sweep_handlers import SWEEP_HEADERS, run_sweep
 from .trace_handlers import compare_traces, inspect_trace_cell, run_trace
@@ -360,6 +361,7 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
             # Its own concurrency group, so a cancel is never queued behind the job it cancels. The page stops
             # listening to the cancelled job, so the cancel itself says so where that job's result would appear.
             stop.click(cancel_job, [workspace], [note], cancels=jobs, concurrency_limit=None, api_name=False)
+        keep_typed_values(demo)
     return demo
 
 
