@@ -19,6 +19,7 @@ ENVIRONMENT = {
     "ROME_EXPLORER_MAX_UPLOAD_BYTES": "max_upload_bytes",
     "ROME_EXPLORER_MAX_EDITS": "max_edits",
     "ROME_EXPLORER_QUEUE": "queue_size",
+    "ROME_EXPLORER_MAX_RUNNING": "max_running",
     "ROME_EXPLORER_MAX_MODEL_PARAMETERS": "max_model_parameters",
     "ROME_EXPLORER_MAX_MODEL_BYTES": "max_model_bytes",
 }
@@ -37,6 +38,7 @@ class AppLimits:
     max_upload_bytes: int = 5_000_000  # an uploaded fact set
     max_edits: int = 10  # active edits per browser session
     queue_size: int = 16  # waiting requests before the app answers "busy"
+    max_running: int = 8  # jobs taking turns on the cores at once (explorer/app/scheduler.py); more wait in Gradio's queue
     # A model the model field loads where the public can reach the app (see model_policy), checked before any download.
     max_model_parameters: int = 2_000_000_000  # parameters, counted from the configuration (8 GB as float32)
     max_model_bytes: int = 10_000_000_000  # bytes of weight files on disk or on the hub

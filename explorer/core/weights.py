@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 import torch
 
-from .progress import Progress, no_progress
+from .progress import Progress, no_progress, waiting_for_others
 
 if TYPE_CHECKING:  # architectures does not need this module; only the annotation does
     from .architectures import Architecture
@@ -82,6 +82,36 @@ class Weights:
     def held(self) -> bool:
         """Whether the calling thread holds the lock (inside an ``edited`` block, for one)."""
         return self._holder == threading.get_ident()
+
+    @contextmanager
+    def set_aside(self) -> Iterator[None]:
+        """Give up this thread's hold on the lock for the body, with the model's own weights put back; on exit
+        take the lock again (as deep as before) with this thread's edited matrices back in place.
+
+        A scheduler that takes turns between jobs calls it between a job's steps, so that another job's steps
+        run, under their own edits, while this one waits in the middle of its ``edited`` and ``locked``
+        blocks. Outside the lock it does nothing.
+        """
+        if not self.held():
+            yield
+            return
+        arch, depth = self._arch, self._depth
+        in_place = {layer: arch.save_mlp_out(layer) for layer in self._originals}
+        for layer, original in self._originals.items():
+            arch.restore_mlp_out(layer, original)
+        originals, state = self._originals, self._state
+        self._originals, self._state, self._holder, self._depth = {}, None, None, 0
+        for _ in range(depth):
+            self._lock.release()
+        try:
+            yield
+        finally:
+            for _ in range(depth):
+                self._lock.acquire()
+            self._holder, self._depth = threading.get_ident(), depth
+            self._originals, self._state = originals, state
+            for layer, matrix in in_place.items():
+                arch.restore_mlp_out(layer, matrix)
 
     # --- which weights are in place ----------------------------------------------------------------
 
@@ -162,7 +192,8 @@ class Weights:
         acquired = computing.acquire(blocking=False)
         while not acquired and not self.held():
             waiting(0.0, "waiting for the model's preparation")
-            acquired = computing.acquire(timeout=WAIT_SECONDS)
+            with waiting_for_others():
+                acquired = computing.acquire(timeout=WAIT_SECONDS)
         try:
             if key not in self._own_values:
                 with self.deriving():

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -242,8 +242,25 @@ class EditSession:
 
     def with_edit(self, edit: Edit) -> EditSession:
         """A session of the same model applying this one's applied edits and then ``edit`` (this one is unchanged)."""
+        trial = self.frozen()
+        trial.edits.append(edit)
+        return trial
+
+    @classmethod
+    def carrying(cls, handle: LoadedModel, edits: Sequence[Edit], switched_off: Iterable[int] = ()) -> EditSession:
+        """A session on ``handle`` with ``edits`` (the positions ``switched_off`` kept but not applied), each
+        checked against it: another session's edits on a copy of the same model loaded again."""
+        session = cls(handle)
+        for edit in edits:
+            session.add(edit)
+        session.switched_off = set(switched_off)
+        return session
+
+    def frozen(self) -> EditSession:
+        """A session of the same model applying this one's applied edits as they are now (later changes to this
+        one do not reach it)."""
         trial = EditSession(self.handle)
-        trial.edits = [*self.applied_edits(), edit]
+        trial.edits = self.applied_edits()
         return trial
 
     def applied_edits(self) -> list[Edit]:

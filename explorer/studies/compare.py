@@ -43,8 +43,9 @@ def with_true_target(handle: LoadedModel, request: EditRequest, session: EditSes
     return replace(request, target_true=handle.tokenizer.decode([token]))
 
 
-def snapshot(handle: LoadedModel, request: EditRequest, probes: Probes) -> dict:
-    """Probabilities and generations of the model as it is now (call inside a session's ``applied``)."""
+def probabilities(handle: LoadedModel, request: EditRequest, probes: Probes) -> dict:
+    """P(target_new) and P(target_true) on the edit prompt, paraphrases and neighbours, on the model as it is now
+    (call inside a session's ``applied``)."""
     def probs(prompts: Sequence[str]) -> dict:
         if not prompts:
             return {"target_new_prob": [], "target_true_prob": []}
@@ -54,15 +55,24 @@ def snapshot(handle: LoadedModel, request: EditRequest, probes: Probes) -> dict:
         }
 
     edit_prompt = probs([request.filled])
-    texts = complete(handle, probes.generate, probes.new_tokens, probes.sampling) if probes.generate else []
     return {
         "target_new_prob": edit_prompt["target_new_prob"][0],
         "target_true_prob": edit_prompt["target_true_prob"][0],
         "paraphrases": probs(probes.paraphrases),
         "neighborhood": probs(probes.neighborhood),
-        "generations": [{"prompt": p, "text": t} for p, t in zip(probes.generate, texts)],
-        "decoded": decoded_success(handle, request, probes.paraphrases, probes.neighborhood),
     }
+
+
+def completions(handle: LoadedModel, request: EditRequest, probes: Probes) -> dict:
+    """The model's completions of the generation prompts and its decoded success, as it is now."""
+    texts = complete(handle, probes.generate, probes.new_tokens, probes.sampling) if probes.generate else []
+    return {"generations": [{"prompt": p, "text": t} for p, t in zip(probes.generate, texts)],
+            "decoded": decoded_success(handle, request, probes.paraphrases, probes.neighborhood)}
+
+
+def snapshot(handle: LoadedModel, request: EditRequest, probes: Probes) -> dict:
+    """Probabilities and generations of the model as it is now (call inside a session's ``applied``)."""
+    return {**probabilities(handle, request, probes), **completions(handle, request, probes)}
 
 
 def decoded_success(handle: LoadedModel, request: EditRequest, paraphrases: Sequence[str], neighborhood: Sequence[str]) -> dict:
@@ -86,20 +96,27 @@ def decoded_success(handle: LoadedModel, request: EditRequest, paraphrases: Sequ
     return shares
 
 
+def before_and_after(session: EditSession, edit: Edit, measure) -> tuple[dict, dict]:
+    """``measure(handle, request)`` on the session's model without ``edit`` (its other edits only), then with it."""
+    with session.applied():
+        before = measure(session.handle, edit.request)
+    with session.with_edit(edit).applied():
+        after = measure(session.handle, edit.request)
+    return before, after
+
+
+def comparison(edit: Edit, before: dict, after: dict) -> dict:
+    """The comparison of two sides (probabilities, with or without completions): scores and warnings."""
+    def scores(side: dict) -> dict:
+        return {**edit_scores(side), **side.get("decoded", {})}
+
+    return {"before": before, "after": after, "metrics": {"before": scores(before), "after": scores(after)},
+            "warnings": edit.warnings() + entropy_warnings(before, after)}
+
+
 def compare(session: EditSession, edit: Edit, probes: Probes) -> dict:
     """``before`` (the session's other edits only) and ``after`` (with ``edit`` too), plus warnings."""
-    handle = session.handle
-    request = edit.request
-    with session.applied():
-        before = snapshot(handle, request, probes)
-    with session.with_edit(edit).applied():
-        after = snapshot(handle, request, probes)
-    return {
-        "before": before,
-        "after": after,
-        "metrics": {"before": {**edit_scores(before), **before["decoded"]}, "after": {**edit_scores(after), **after["decoded"]}},
-        "warnings": edit.warnings() + entropy_warnings(before, after),
-    }
+    return comparison(edit, *before_and_after(session, edit, lambda handle, request: snapshot(handle, request, probes)))
 
 
 def edit_scores(side: dict) -> dict:
@@ -113,8 +130,8 @@ def edit_scores(side: dict) -> dict:
 
 def entropy_warnings(before: dict, after: dict) -> list[str]:
     """A warning when the edited model's generations lost much of their n-gram entropy."""
-    texts_before = [g["text"] for g in before["generations"] if g["text"].strip()]
-    texts_after = [g["text"] for g in after["generations"] if g["text"].strip()]
+    texts_before = [g["text"] for g in before.get("generations", []) if g["text"].strip()]
+    texts_after = [g["text"] for g in after.get("generations", []) if g["text"].strip()]
     if not texts_before or not texts_after:
         return []
     drop = float(np.mean([ngram_entropy(t) for t in texts_before]) - np.mean([ngram_entropy(t) for t in texts_after]))

@@ -26,7 +26,7 @@ def run_average(upload, limit, kinds, samples, workspace: Workspace, progress=gr
         with session.applied():
             return average_effects(session.handle, facts, options, config.LIMITS.trace, progress=report).to_json()
 
-    result = in_worker(work, report.cancelled)
+    result = in_worker(work, report)
     if not result["facts_correct"]:
         raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to average")
     path = workspace.files("average") / "average.json"
@@ -50,7 +50,7 @@ def run_severed(upload, limit, samples, workspace: Workspace, progress=gr.Progre
                 raise InputError(f"the model completes none of the {len(facts)} facts correctly, so there is nothing to sever")
             return prompts, average_severed(session.handle, prompts, options, config.LIMITS.trace, progress=report)
 
-    prompts, result = in_worker(work, report.cancelled)
+    prompts, result = in_worker(work, report)
     path = workspace.files("severed") / "severed.json"
     export.write_data(result, path)
     return plots.severed_figure(result), f"{len(prompts)} of {len(facts)} facts completed correctly and severed.", str(path)

@@ -5,6 +5,7 @@ from ...editing import EditOptions
 from ...tracing import TraceOptions
 from ..caches import BoundedCache
 from ..limits import AppLimits
+from ..scheduler import Scheduler
 
 TRACE_DEFAULTS = TraceOptions()  # the controls start at the engine's defaults (the paper's)
 EDIT_OPTIONS = EditOptions()  # the app's edit settings (the paper's); method and layer come from the page
@@ -14,3 +15,4 @@ TRACE_EXAMPLES = 8  # facts from the bundled set offered as clickable trace exam
 TRACE_CACHE: BoundedCache[tuple] = BoundedCache(32)  # (estimate, exact) of finished traces, for repeats (a few MB)
 STREAM_SECONDS = 1.0  # a streaming trace redraws its heatmaps at most this often
 STOP_POLL_SECONDS = 0.2  # how soon a cancelled job hands the page back
+SCHEDULER = Scheduler()  # the turns every visitor's jobs take on the shared cores

@@ -8,10 +8,11 @@ import gradio as gr
 from ...core.errors import InputError
 from ...core.generation import complete
 from ...editing import edit_fact, make_request, validate_options
-from ...studies.compare import GENERATION_TOKENS, Probes, compare, with_true_target
+from ...studies.compare import GENERATION_TOKENS, Probes, before_and_after, comparison, completions, probabilities, with_true_target
 from ...studies.evaluate import HANDWRITTEN_CASES, read_dataset
 from ...studies.health import baseline_fluency, model_health, probe_facts
 from .. import plots
+from ..scheduler import FIRST_SHOWN, MAIN_SHOWN
 from . import config
 from .errors import user_errors
 from .inputs import check_lengths, edit_options, optional_int, prompt_lines
@@ -22,7 +23,8 @@ from .sessions import Workspace, active_rows
 @user_errors
 def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrases, neighborhood, generate,
              workspace: Workspace, progress=gr.Progress()):
-    """Edit handler: compute the edit, add it to this session, and show before vs after."""
+    """Edit handler: compute the edit, add it to this session, and show before vs after, in stages: the
+    probabilities and scores first, then the original and edited completions, then the model's health."""
     session = workspace.session
     if len(session.edits) >= config.LIMITS.max_edits:
         raise InputError(f"{len(session.edits)} edits are active, the limit; undo one first")
@@ -36,20 +38,30 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
                     check_lengths(handle, prompt_lines(generate, "prompts to complete"), "prompts to complete") or (request.filled,),
                     new_tokens=min(GENERATION_TOKENS, config.LIMITS.max_new_tokens))
     report = JobReport(workspace, progress)
-    request = with_true_target(handle, request, session)
-    edit = edit_fact(session, request, options, progress=report)
-    result = compare(session, edit, probes)
-    session.add(edit)
-    rows = comparison_rows(request, probes, result)
-    return (
-        rows,
-        plots.probability_bars(rows),
-        plots.generations_html(result, request.target_new, request.target_true),
-        plots.metrics_markdown(result["metrics"], result["warnings"]),
-        active_rows(session),
-        workspace,
-        session_health(session),
-    )
+    with report.turns():
+        request = with_true_target(handle, request, session)
+        edit = edit_fact(session, request, options, progress=report)
+        others = session.frozen()  # the session as the edit found it: the "before" side
+        scored = before_and_after(others, edit, lambda model, asked: probabilities(model, asked, probes))
+        session.add(edit)
+        result = comparison(edit, *scored)
+        rows = comparison_rows(request, probes, result)
+        bars = plots.probability_bars(rows)
+        yield (rows, bars, "<p>completing the prompts on the original and the edited model…</p>",
+               plots.metrics_markdown(result["metrics"], result["warnings"]), active_rows(session), workspace,
+               "measuring the model's health…")
+        report.shown(FIRST_SHOWN)
+        report(0.95, "completions of the original and the edited model")
+        written = before_and_after(others, edit, lambda model, asked: completions(model, asked, probes))
+        result = comparison(edit, *({**side, **more} for side, more in zip(scored, written)))
+        generations = plots.generations_html(result, request.target_new, request.target_true)
+        metrics = plots.metrics_markdown(result["metrics"], result["warnings"])
+        yield gr.update(), gr.update(), generations, metrics, gr.update(), workspace, gr.update()
+        report.shown(MAIN_SHOWN)
+        report(0.98, "the model's health")
+        health = session_health(session)
+    # Every output again: a script's /edit call (gradio_client) gets the last update as its whole result.
+    yield rows, bars, generations, metrics, active_rows(session), workspace, health
 
 
 def session_health(session) -> str:
@@ -66,7 +78,9 @@ def toggle_edit(number, workspace: Workspace):
     session = workspace.session
     chosen = optional_int(number, "edit number")
     session.toggle(-1 if chosen is None else chosen - 1)
-    return active_rows(session), session_health(session), workspace
+    with JobReport(workspace, None).turns():
+        health = session_health(session)
+    return active_rows(session), health, workspace
 
 
 def comparison_rows(request, probes: Probes, report: dict) -> list[list]:
@@ -108,7 +122,7 @@ def complete_prompts(text, workspace: Workspace):
     prompts = check_lengths(session.handle, prompt_lines(text, "prompts"), "prompts")
     if not prompts:
         raise InputError("type at least one prompt to complete")
-    with session.applied():
+    with JobReport(workspace, None).turns(), session.applied():
         texts = complete(session.handle, prompts, min(GENERATION_TOKENS, config.LIMITS.max_new_tokens))
     rows = "".join(f"<tr><td class='prompt'>{plots.safe_label(p)}</td><td class='completion'>{plots.safe_label(t)}</td></tr>"
                    for p, t in zip(prompts, texts))

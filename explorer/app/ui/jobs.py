@@ -1,48 +1,57 @@
-"""Running one job of a browser session: streaming from a worker thread, progress and cancel."""
+"""Running one job of a browser session: its turns on the shared cores, streaming from a worker thread,
+progress, its place in the line, and cancel."""
 from __future__ import annotations
 
 import contextvars
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from ...core.progress import Cancelled
+from ...core.progress import Cancelled, waits_handled_by
+from ..scheduler import Turn
 from . import config
 from .sessions import Workspace
 
 
-def streamed(work, every: float, stopped: Callable[[], bool] | None = None):
-    """Run ``work(emit)`` in a thread; yield ``(False, [items emitted since the last yield])`` as it goes, at
-    most once per ``every`` seconds, then ``(True, its return value)``.
+def streamed(work, report: JobReport, every: float | None = None):
+    """Run ``work(emit)`` as ``report``'s job in a thread; yield ``(False, [items emitted since the last yield])``
+    as it goes, at most once per ``every`` seconds (config.STREAM_SECONDS), then ``(True, its return value)``.
 
     The thread runs in a copy of this context, so Gradio's progress bar still reaches the page; an
-    exception in ``work`` is raised here. Once ``stopped()`` is true this returns within config.STOP_POLL_SECONDS
+    exception in ``work`` is raised here. Once the job is cancelled this returns within config.STOP_POLL_SECONDS
     by raising Cancelled, leaving the thread to stop at its own next check: Gradio counts a job as
     pending, and drops clicks on its button, until the handler returns, and a pass of the engine can take
     many seconds before it looks at its cancel flag.
     """
+    every = config.STREAM_SECONDS if every is None else every
+    stopped = report.cancelled
     items: queue.Queue = queue.Queue()
     context = contextvars.copy_context()
 
     def run() -> None:
         try:
-            items.put(("done", context.run(work, lambda item: items.put(("item", item)))))
+            with report.turns():
+                value = work(lambda item: items.put(("item", item)))
+            items.put(("done", value))
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread, which raises it
             items.put(("error", error))
 
-    threading.Thread(target=run, daemon=True, name="streamed-job").start()
+    def start() -> None:
+        context.run(run)
+
+    threading.Thread(target=start, daemon=True, name="streamed-job").start()
     pending: list = []
     shown = 0.0
     while True:
         wait = max(0.0, every - (time.monotonic() - shown)) if pending else None
-        if stopped is not None:
-            wait = config.STOP_POLL_SECONDS if wait is None else min(wait, config.STOP_POLL_SECONDS)
+        wait = config.STOP_POLL_SECONDS if wait is None else min(wait, config.STOP_POLL_SECONDS)
         try:
             what, value = items.get(timeout=wait)
         except queue.Empty:  # the pending items have waited long enough, or it is time to look at the flag
             what, value = "flush", None
-        if stopped is not None and stopped() and what != "done":
+        if stopped() and what != "done":
             raise Cancelled("cancelled")
         if what == "error":
             raise value
@@ -56,13 +65,15 @@ def streamed(work, every: float, stopped: Callable[[], bool] | None = None):
             return
 
 
-def in_worker(work, stopped: Callable[[], bool]):
-    """``work()``'s value, computed in a thread that this caller stops waiting for once ``stopped()`` is true.
+def in_worker(work, report: JobReport):
+    """``work()``'s value, computed as ``report``'s job in a thread that this caller stops waiting for once the
+    job is cancelled.
 
     For read-only jobs only: an abandoned job finishes its current step in the background, so a job that
-    changes the session (an edit) must stay in the handler's own thread and stop at the engine's checks.
+    changes the session (an edit) must stay in the handler's own thread (:meth:`JobReport.turns`) and stop at
+    the engine's checks.
     """
-    for finished, value in streamed(lambda emit: work(), config.STREAM_SECONDS, stopped):
+    for finished, value in streamed(lambda emit: work(), report):
         if finished:
             return value
     raise AssertionError("streamed ended without a value")
@@ -76,13 +87,43 @@ class JobReport:
     after a cancel does not clear the flag that the cancelled job has yet to see.
     """
 
-    def __init__(self, workspace: Workspace, progress) -> None:
+    def __init__(self, workspace: Workspace, progress=None) -> None:
         self._flag = workspace.new_job()
-        self._progress = progress
+        self._progress = progress or (lambda fraction, desc="": None)
+        self._workspace = workspace
+        self._turn: Turn | None = None
+        self._thread: int | None = None
+
+    @contextmanager
+    def turns(self) -> Iterator[None]:
+        """Run the body as this job of the app's scheduler (explorer/app/scheduler.py), in the calling thread: it
+        starts at its turn, and each progress report is a step where it may hand the turn to another visitor's
+        job, setting aside the model's lock and this session's edits while it waits."""
+        weights = self._workspace.session.handle.weights
+        with config.SCHEDULER.job(self._workspace, self.cancelled, weights.set_aside, self._show_place) as turn:
+            self._turn, self._thread = turn, threading.get_ident()
+            try:
+                with waits_handled_by(turn.waiting_for_others):
+                    yield
+            finally:
+                self._turn = self._thread = None
+
+    def _show_place(self, ahead: int) -> None:
+        if ahead:
+            self._progress(0.0, desc=f"waiting: {ahead} job{'' if ahead == 1 else 's'} ahead of yours")
+
+    def shown(self, stage: int) -> None:
+        """The visitor now sees this much of the job's result (scheduler.FIRST_SHOWN, MAIN_SHOWN)."""
+        if self._turn is not None:
+            self._turn.shown(stage)
 
     def __call__(self, fraction: float, message: str) -> None:
         if self._flag.is_set():
             raise Cancelled("cancelled")
+        if self._turn is not None and self._thread == threading.get_ident():
+            self._turn.step()
+            if self._flag.is_set():
+                raise Cancelled("cancelled")
         self._progress(fraction, desc=message)
 
     def cancelled(self) -> bool:

@@ -275,15 +275,21 @@ def average_tab() -> AverageTab:
     return AverageTab(upload, limit, kinds, samples, average_button, severed_button, cancel, summary, plot, file)
 
 
+def job_queue() -> dict:
+    """Gradio's settings for an event that runs on the model: every such event of every visitor shares one group of
+    at most ``max_running`` jobs, which take turns step by step (explorer/app/scheduler.py); more wait in line."""
+    return {"concurrency_id": "model-jobs", "concurrency_limit": config.LIMITS.max_running}
+
+
 def wire_trace(demo: gr.Blocks, t: TraceTab, workspace: gr.State) -> list:
     """The Trace tab's events; the jobs a Cancel button may stop."""
     trace_event = t.button.click(
         run_trace, [t.prompt, t.subject, t.kinds, t.samples, t.window, t.noise, workspace, t.target],
-        [*t.plots, t.caption, t.subject, t.downloads, t.layer, workspace, *t.estimate_plots, t.estimate_note], api_name="trace",
+        [*t.plots, t.caption, t.subject, t.downloads, t.layer, workspace, *t.estimate_plots, t.estimate_note], api_name="trace", **job_queue(),
     )
     inspect_event = t.inspect_button.click(
         inspect_trace_cell, [t.prompt, t.subject, t.kinds, t.samples, t.window, t.noise, t.cell, workspace, t.target],
-        [t.inspection], api_name="inspect",
+        [t.inspection], api_name="inspect", **job_queue(),
     )
     demo.load(None, None, None, js=CLICK_TO_INSPECT_JS)
     return [trace_event, inspect_event]
@@ -296,20 +302,20 @@ def wire_edit(e: EditTab, t: TraceTab, workspace: gr.State) -> list:
     edit_event = e.button.click(
         run_edit,
         [e.prompt, e.subject, e.target_new, e.target_true, e.layer, e.method, e.paraphrases, e.neighborhood, e.generate, workspace],
-        [e.table, e.bars, e.generations, e.metrics, e.edits, workspace, e.health], api_name="edit",
+        [e.table, e.bars, e.generations, e.metrics, e.edits, workspace, e.health], api_name="edit", **job_queue(),
     )
     e.undo_button.click(undo_edit, [e.undo_number, workspace], [e.edits, workspace], api_name="undo")
-    e.toggle_button.click(toggle_edit, [e.undo_number, workspace], [e.edits, e.health, workspace], api_name="toggle")
+    e.toggle_button.click(toggle_edit, [e.undo_number, workspace], [e.edits, e.health, workspace], api_name="toggle", **job_queue())
     sweep_event = e.sweep.button.click(
         run_sweep, [e.prompt, e.subject, e.target_new, e.target_true, e.paraphrases, e.neighborhood, e.method, e.sweep.layers,
-                    e.sweep.samples, workspace], [e.sweep.plot, e.sweep.table, e.sweep.summary], api_name="sweep",
+                    e.sweep.samples, workspace], [e.sweep.plot, e.sweep.table, e.sweep.summary], api_name="sweep", **job_queue(), **job_queue(),
     )
     e.reset_button.click(reset_edits, [workspace], [e.edits, workspace], api_name="reset")
     compare_event = e.compare_button.click(
         compare_traces, [e.prompt, e.subject, e.target_new, e.compare_kinds, t.samples, t.window, t.noise, workspace],
-        [*e.original_plots, *e.edited_plots, e.compare_caption], api_name="compare",
+        [*e.original_plots, *e.edited_plots, e.compare_caption], api_name="compare", **job_queue(),
     )
-    e.complete_button.click(complete_prompts, [e.free_prompts, workspace], [e.completions], api_name="complete")
+    e.complete_button.click(complete_prompts, [e.free_prompts, workspace], [e.completions], api_name="complete", **job_queue())
     return [edit_event, compare_event, sweep_event]
 
 
@@ -317,8 +323,9 @@ def wire_average(a: AverageTab, workspace: gr.State) -> list:
     """The Average tab's events; its cancellable jobs."""
     outputs = [a.plot, a.summary, a.file]
     average_event = a.average_button.click(run_average, [a.upload, a.limit, a.kinds, a.samples, workspace], outputs,
-                                           api_name="average")
-    severed_event = a.severed_button.click(run_severed, [a.upload, a.limit, a.samples, workspace], outputs, api_name="severed")
+                                           api_name="average", **job_queue())
+    severed_event = a.severed_button.click(run_severed, [a.upload, a.limit, a.samples, workspace], outputs, api_name="severed",
+                                           **job_queue())
     return [average_event, severed_event]
 
 
@@ -372,6 +379,7 @@ def launch(model_name: str | None = None) -> None:
     # Load the model and prepare its first edit while the page is already served; a failure is shown in the
     # status line, and the first request that needs the model tries again and says why.
     start_preparation(model_name)
-    # One job at a time on the shared model; past ``queue_size`` waiting requests Gradio answers "queue is full".
+    # The model's jobs take turns in their own group (job_queue); past ``queue_size`` waiting requests Gradio
+    # answers "queue is full".
     demo.queue(default_concurrency_limit=1, max_size=config.LIMITS.queue_size)
     demo.launch()

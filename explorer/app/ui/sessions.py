@@ -26,6 +26,9 @@ _models: OrderedDict[str, LoadedModel] = OrderedDict()  # the most recently used
 _retired: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()
 _loading: dict[str, threading.Lock] = {}
 _preparations: dict[str, Preparation] = {}
+# Every browser session's workspace: a model dropped from _models is let go by all of them, so that the models in
+# memory are counted across sessions (a running job keeps its own until it ends).
+_workspaces: weakref.WeakSet[Workspace] = weakref.WeakSet()
 
 
 def shared_model(name: str = DEFAULT_MODEL, progress=None) -> LoadedModel:
@@ -65,11 +68,18 @@ def _kept(name: str) -> LoadedModel | None:
 
 
 def _drop_least_recent() -> None:
-    """Keep at most MAX_LOADED_MODELS in the registry; a dropped model stays reachable while a session holds it
-    (call holding ``_registry``)."""
+    """Keep at most MAX_LOADED_MODELS in the registry, releasing the least recently used model that no job runs
+    on (the least recently used one if every model is busy). Every session lets the released model go, keeping
+    its edits for when it needs the model again; a job still running on it keeps it reachable (call holding
+    ``_registry``)."""
     while len(_models) > config.MAX_LOADED_MODELS:
-        dropped, copy = _models.popitem(last=False)
+        busy = {workspace.model_name for workspace in list(_workspaces) if workspace.has_running_jobs()}
+        idle = [name for name in _models if name not in busy]
+        dropped = idle[0] if idle else next(iter(_models))
+        copy = _models.pop(dropped)
         _retired[dropped] = copy
+        for workspace in list(_workspaces):
+            workspace.let_go(copy)
 
 
 def start_preparation(name: str) -> Preparation:
@@ -85,8 +95,10 @@ class Workspace:
     def __init__(self, model_name: str = DEFAULT_MODEL):
         self.model_name = model_name
         self._session: EditSession | None = None
+        self._let_go: tuple[list, set] | None = None  # the session's edits (and those off) while its model is released
         self._files: dict[str, Path] = {}
         self._jobs: weakref.WeakSet[threading.Event] = weakref.WeakSet()  # the cancel flags of jobs still running
+        _workspaces.add(self)
 
     def __deepcopy__(self, memo) -> Workspace:
         # Gradio deep-copies a State's initial value for each new browser session: start that one empty.
@@ -94,9 +106,24 @@ class Workspace:
 
     @property
     def session(self) -> EditSession:
-        if self._session is None:
-            self._session = EditSession(shared_model(self.model_name))
-        return self._session
+        """This session's edits over its model; a model released from memory meanwhile is loaded again, with the
+        session's edits on it as before."""
+        session = self._session
+        if session is None:
+            handle = shared_model(self.model_name)
+            kept, self._let_go = self._let_go, None
+            session = EditSession(handle) if kept is None else EditSession.carrying(handle, *kept)
+            self._session = session
+        return session
+
+    def let_go(self, handle: LoadedModel) -> None:
+        """Stop holding ``handle`` (released from memory), keeping the edits made on it."""
+        if self._session is not None and self._session.handle is handle:
+            self._let_go = (self._session.edits, self._session.switched_off)
+            self._session = None
+
+    def has_running_jobs(self) -> bool:
+        return len(self._jobs) > 0
 
     def switch_model(self, name: str, handle: LoadedModel) -> None:
         """Work on ``handle`` from now on; edits made on the previous model are dropped."""

@@ -10,6 +10,7 @@ from ...studies.sweep import parse_layers, sweep_layers
 from ...tracing import TraceOptions
 from ...tracing import validate_options as validate_trace_options
 from .. import plots
+from ..scheduler import FIRST_SHOWN, MAIN_SHOWN
 from . import config
 from .errors import user_errors
 from .inputs import check_lengths, edit_options, prompt_lines, trace_options
@@ -55,12 +56,16 @@ def run_sweep(prompt, subject, target_new, target_true, paraphrases, neighborhoo
     report = JobReport(workspace, progress)
 
     def work(emit) -> dict:
+        def emit_and_mark(item: dict) -> None:
+            emit(item)
+            report.shown(FIRST_SHOWN if "mlp_effect" in item else MAIN_SHOWN)
+
         # An empty session: each layer's edit starts from the model's own weights, not from the user's edits.
-        return sweep_layers(EditSession(handle), request, probes, chosen, options, report, emit, trace_settings,
+        return sweep_layers(EditSession(handle), request, probes, chosen, options, report, emit_and_mark, trace_settings,
                             config.LIMITS.trace)
 
     effect, points = None, []
-    for finished, value in streamed(work, config.STREAM_SECONDS, report.cancelled):
+    for finished, value in streamed(work, report):
         if finished:
             effect, points = value["mlp_effect"], value["layers"]
         else:

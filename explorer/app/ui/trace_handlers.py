@@ -16,6 +16,7 @@ from ...tracing import KINDS, TraceOptions, TraceResult, export, trace
 from ...tracing.attribution import agreement, estimate_trace
 from ...tracing.inspection import inspect_cell, parse_cell
 from .. import plots
+from ..scheduler import FIRST_SHOWN, MAIN_SHOWN
 from . import config
 from .errors import user_errors
 from .inputs import trace_options
@@ -81,15 +82,22 @@ def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspa
     report = JobReport(workspace, progress)
 
     def work(emit) -> tuple[TraceResult, TraceResult]:
+        def show(stage: int):
+            def emit_and_mark(result: TraceResult) -> None:
+                emit(result)
+                report.shown(stage)
+            return emit_and_mark
+
         with session.applied():
             estimate = estimate_trace(session.handle, prompt, subject or None, options, config.LIMITS.trace,
-                                      progress=part_of(report, 0, 0.02), partial=emit)
-            emit(estimate)
-            exact = trace(session.handle, prompt, subject or None, options, config.LIMITS.trace, progress=report, partial=emit)
+                                      progress=part_of(report, 0, 0.02), partial=show(FIRST_SHOWN))
+            show(FIRST_SHOWN)(estimate)
+            exact = trace(session.handle, prompt, subject or None, options, config.LIMITS.trace, progress=report,
+                          partial=show(MAIN_SHOWN))
         config.TRACE_CACHE.put(key, (estimate, exact))  # here, not in the page's loop: kept even if the page went away
         return estimate, exact
 
-    for finished, results in streamed(work, config.STREAM_SECONDS, report.cancelled):
+    for finished, results in streamed(work, report):
         if finished:
             yield _finished(*results, session, workspace)
             continue
@@ -116,7 +124,7 @@ def inspect_trace_cell(prompt, subject, kinds, samples, window, noise, cell, wor
     options = trace_options(kinds, samples, window, noise, target)
     kind, token, layer = parse_cell(cell)
     session = workspace.session
-    with session.applied():
+    with JobReport(workspace, None).turns(), session.applied():
         found = inspect_cell(session.handle, prompt, subject or None, kind, token, layer, options, config.LIMITS.trace)
     return plots.inspection_markdown(found)
 
@@ -141,6 +149,6 @@ def compare_traces(prompt, subject, target_new, kinds, samples, window, noise, w
                            config.LIMITS.trace, progress=part_of(report, 0.5, 1, "edited model: "))
         return original, edited
 
-    original, edited = in_worker(work, report.cancelled)
+    original, edited = in_worker(work, report)
     caption = f"original: {plots.caption(original)}\nedited: {plots.caption(edited)}"
     return (*_figures(original), *_figures(edited), caption)

@@ -36,8 +36,13 @@ def traced(*args, **kwargs):
     return list(ui.run_trace(*args, **kwargs))[-1]
 
 
+def edited(*args, **kwargs):
+    """The edit handler's final outputs (it fills the panel in stages before them)."""
+    return list(ui.run_edit(*args, **kwargs))[-1]
+
+
 def _edit(workspace, layer=1):
-    return ui.run_edit("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris", str(layer), "rome",
+    return edited("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris", str(layer), "rome",
                        "The Eiffel Tower is in the city of", "The Louvre is located in the city of",
                        "The Eiffel Tower is", workspace, **QUIET)
 
@@ -82,7 +87,7 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
 def test_the_reference_choice_edits_with_every_reference_setting(tiny_app):
     weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
     workspace = ui.Workspace()
-    ui.run_edit("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris", "1", "reference settings",
+    edited("{} is located in the city of", "The Eiffel Tower", " Rome", " Paris", "1", "reference settings",
                 "", "", "", workspace, **QUIET)
     edit = workspace.session.edits[-1]
     assert edit.method == "rome-original" and edit.stats["settings"] == "reference" and edit.stats["strengthen"] is False
@@ -105,7 +110,7 @@ def test_bad_edit_input_is_a_gradio_error_and_changes_nothing(tiny_app, monkeypa
     ]
     for args, message in bad_edits:
         with pytest.raises(gr.Error, match=message):
-            ui.run_edit(*args, workspace, **QUIET)
+            edited(*args, workspace, **QUIET)
     with pytest.raises(gr.Error, match="edit number must be a whole number"):
         ui.undo_edit("1.5", workspace)
     bad_traces = [
@@ -147,7 +152,7 @@ def test_cancel_stops_the_job_and_leaves_the_model_unedited(tiny_app):
 
 
 def _edit_with_progress(workspace, progress):
-    return ui.run_edit("{} is located in", "The Eiffel Tower", " Rome", " Paris", "1", "rome", "", "", "", workspace, progress=progress)
+    return edited("{} is located in", "The Eiffel Tower", " Rome", " Paris", "1", "rome", "", "", "", workspace, progress=progress)
 
 
 def test_average_and_severed_panels_draw_the_figures(tiny_app, tmp_path):
