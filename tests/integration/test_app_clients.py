@@ -71,7 +71,8 @@ def test_the_app_listens_on_loopback_only(app_url):
 
 
 def test_a_full_queue_answers_busy(tmp_path_factory):
-    with tiny_app(tmp_path_factory.mktemp("tiny-llama"), tmp_path_factory.mktemp("cache"), ROME_EXPLORER_QUEUE="1") as (url, _):
+    with tiny_app(tmp_path_factory.mktemp("tiny-llama"), tmp_path_factory.mktemp("cache"), ROME_EXPLORER_QUEUE="1",
+                  ROME_EXPLORER_MAX_RUNNING="1") as (url, _):
         clients = [client(url) for _ in range(6)]
         slow = (PROMPT, SUBJECT, ["hidden", "mlp", "attn"], 50, 4, 3, "")
         with ThreadPoolExecutor(len(clients)) as pool:
@@ -79,6 +80,28 @@ def test_a_full_queue_answers_busy(tmp_path_factory):
         busy = [o for o in outcomes if o != "done"]
         assert "done" in outcomes and busy, outcomes
         assert all("queue is full" in message.lower() for message in busy), busy
+
+
+def test_a_later_visitors_short_trace_does_not_wait_for_an_earlier_long_one(app_url):
+    """Jobs take turns step by step: a short trace pressed while another visitor's long trace runs is done long
+    before it (one job at a time, it waited for the whole long trace)."""
+    import time
+
+    long_trace = (PROMPT, SUBJECT, ["hidden", "mlp", "attn"], 50, 4, 3, "")
+    short_trace = (PROMPT, SUBJECT, ["hidden"], 2, 2, 3, "")
+    first, second = client(app_url), client(app_url)
+    first.predict(*short_trace, api_name="/trace")  # the model is loaded and warm before timing anything
+    began = time.monotonic()
+    running = first.submit(*long_trace, api_name="/trace")
+    while not running.outputs() and time.monotonic() - began < 120:  # the long trace has drawn its estimate
+        time.sleep(0.05)
+    assert running.outputs() and not running.done()
+    short = second.submit(*short_trace, api_name="/trace")
+    short.result(timeout=300)
+    short_done = time.monotonic()
+    assert not running.done(), "the long trace ended before the short one: no turns were taken"
+    running.result(timeout=600)
+    assert time.monotonic() - short_done > 0.3 * (short_done - began)
 
 
 def _outward_address() -> str | None:

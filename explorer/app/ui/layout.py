@@ -308,7 +308,8 @@ def wire_edit(e: EditTab, t: TraceTab, workspace: gr.State) -> list:
     e.toggle_button.click(toggle_edit, [e.undo_number, workspace], [e.edits, e.health, workspace], api_name="toggle", **job_queue())
     sweep_event = e.sweep.button.click(
         run_sweep, [e.prompt, e.subject, e.target_new, e.target_true, e.paraphrases, e.neighborhood, e.method, e.sweep.layers,
-                    e.sweep.samples, workspace], [e.sweep.plot, e.sweep.table, e.sweep.summary], api_name="sweep", **job_queue(), **job_queue(),
+                    e.sweep.samples, workspace], [e.sweep.plot, e.sweep.table, e.sweep.summary], api_name="sweep",
+        **job_queue(),
     )
     e.reset_button.click(reset_edits, [workspace], [e.edits, workspace], api_name="reset")
     compare_event = e.compare_button.click(

@@ -434,8 +434,9 @@ def test_the_sweep_traces_under_the_caps_the_operator_set(tiny_app, monkeypatch)
 
 
 def test_cancel_stops_a_sweep_even_after_another_job_started(tiny_app, monkeypatch):
-    """Cancel stops every running job of the session: a trace started during a sweep does not take the sweep's
-    cancel flag away, so the sweep's worker stops editing (bug 1 of issue 27)."""
+    """Cancel stops every running job of the session: a trace started during a sweep (it waits for the sweep, its
+    visitor's jobs run in order) does not take the sweep's cancel flag away, so the sweep's worker stops editing
+    (bug 1 of issue 27), and the waiting trace is cancelled too; the next trace runs."""
     import threading
     import time
 
@@ -467,13 +468,30 @@ def test_cancel_stops_a_sweep_even_after_another_job_started(tiny_app, monkeypat
     while not started and time.monotonic() < deadline:
         time.sleep(0.02)
     assert started == [0]
-    traced("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, **QUIET)
+    places, trace_outcome = [], []
+
+    def trace_meanwhile() -> None:
+        try:
+            traced("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace,
+                   progress=lambda fraction, desc="": places.append(desc))
+            trace_outcome.append("finished")
+        except Exception as error:  # noqa: BLE001
+            trace_outcome.append(str(error))
+
+    tracing = threading.Thread(target=trace_meanwhile, daemon=True)
+    tracing.start()
+    while not places and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert places[:1] == ["waiting: 1 job ahead of yours"]  # its own visitor's sweep goes first
     ui.cancel_job(workspace)
     gate.set()
     sweeping.join(30)
+    tracing.join(30)
     assert len(outcome) == 1 and "cancelled" in outcome[0]
+    assert len(trace_outcome) == 1 and "cancelled" in trace_outcome[0]
     time.sleep(1.0)  # long enough for a worker that was not stopped to start the next layers
     assert started == [0], "the sweep's worker went on editing after Cancel"
+    traced("The Eiffel Tower is located in the city of", "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, **QUIET)
 
 
 def test_a_slow_load_does_not_stall_other_sessions_and_a_held_model_is_never_loaded_twice(monkeypatch):
