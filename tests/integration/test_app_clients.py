@@ -104,6 +104,18 @@ def test_a_later_visitors_short_trace_does_not_wait_for_an_earlier_long_one(app_
     assert time.monotonic() - short_done > 0.3 * (short_done - began)
 
 
+def test_gradio_refuses_an_upload_over_the_cap_before_the_handler_sees_it(tmp_path_factory, tmp_path):
+    from gradio_client import handle_file
+
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"subject": "The Eiffel Tower", "prompt": PROMPT, "attribute": " Paris"}] * 20))
+    with tiny_app(tmp_path_factory.mktemp("tiny-llama"), tmp_path_factory.mktemp("cache"),
+                  ROME_EXPLORER_MAX_UPLOAD_BYTES=str(facts.stat().st_size - 1)) as (url, _):
+        with pytest.raises(Exception, match="(?i)file size|too large|exceed") as refused:
+            client(url).predict(handle_file(str(facts)), 1, ["hidden"], 2, api_name="/average")
+    assert "over the limit of" not in str(refused.value)  # refused by Gradio, not by the handler's own check
+
+
 def _outward_address() -> str | None:
     """This machine's address on its default route (a UDP "connect" sends nothing), None without one."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:

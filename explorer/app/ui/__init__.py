@@ -16,12 +16,12 @@ from .average_handlers import run_average, run_severed
 from .config import LIMITS
 from .edit_handlers import complete_prompts, fill_from_case, reset_edits, run_edit, sample_case_labels, toggle_edit, undo_edit
 from .jobs import CANCELLED_NOTE, cancel_job
-from .layout import build_app, launch
+from .layout import build_app, launch, launch_settings, queued_app
 from .sessions import Workspace, load_session_model, preparation_status, status_line
 from .trace_handlers import compare_traces, inspect_trace_cell, peak_mlp_layer, run_trace
 
 __all__ = [
     "CANCELLED_NOTE", "LIMITS", "Workspace", "build_app", "cancel_job", "compare_traces", "complete_prompts", "fill_from_case",
-    "inspect_trace_cell", "launch", "load_session_model", "peak_mlp_layer", "preparation_status", "reset_edits", "run_average",
+    "inspect_trace_cell", "launch", "launch_settings", "load_session_model", "peak_mlp_layer", "preparation_status", "queued_app", "reset_edits", "run_average",
     "run_edit", "run_severed", "run_trace", "sample_case_labels", "status_line", "toggle_edit", "undo_edit",
 ]

@@ -15,7 +15,7 @@ from .. import plots
 from ..scheduler import FIRST_SHOWN, MAIN_SHOWN
 from . import config
 from .errors import user_errors
-from .inputs import check_lengths, edit_options, optional_int, prompt_lines
+from .inputs import check_lengths, edit_options, optional_int, prompt_lines, required_int
 from .jobs import JobReport
 from .sessions import Workspace, active_rows
 
@@ -55,6 +55,9 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
         written = before_and_after(others, edit, lambda model, asked: completions(model, asked, probes))
         result = comparison(edit, *({**side, **more} for side, more in zip(scored, written)))
         generations = plots.generations_html(result, request.target_new, request.target_true)
+        if probes.new_tokens < GENERATION_TOKENS:  # the operator's cap, said rather than applied silently
+            generations = (f"<p>Completions are {probes.new_tokens} tokens long, cut from {GENERATION_TOKENS} by the "
+                           f"server's limit (ROME_EXPLORER_MAX_NEW_TOKENS).</p>" + generations)
         metrics = plots.metrics_markdown(result["metrics"], result["warnings"])
         yield gr.update(), gr.update(), generations, metrics, gr.update(), workspace, gr.update()
         report.shown(MAIN_SHOWN)
@@ -115,15 +118,24 @@ def reset_edits(workspace: Workspace):
     return active_rows(session), workspace
 
 
+def new_token_count(value: object) -> int:
+    """The number of tokens to generate per completion, within ``max_new_tokens``."""
+    count = required_int(value, "new tokens")
+    if not 1 <= count <= config.LIMITS.max_new_tokens:
+        raise InputError(f"new tokens must be between 1 and {config.LIMITS.max_new_tokens} (the server's limit), got {count}")
+    return count
+
+
 @user_errors
-def complete_prompts(text, workspace: Workspace):
+def complete_prompts(text, new_tokens, workspace: Workspace):
     """Greedy completions of each line on this session's model (with its edits), as an HTML table."""
+    count = new_token_count(new_tokens)
     session = workspace.session
     prompts = check_lengths(session.handle, prompt_lines(text, "prompts"), "prompts")
     if not prompts:
         raise InputError("type at least one prompt to complete")
     with JobReport(workspace, None).turns(), session.applied():
-        texts = complete(session.handle, prompts, min(GENERATION_TOKENS, config.LIMITS.max_new_tokens))
+        texts = complete(session.handle, prompts, count)
     rows = "".join(f"<tr><td class='prompt'>{plots.safe_label(p)}</td><td class='completion'>{plots.safe_label(t)}</td></tr>"
                    for p, t in zip(prompts, texts))
     return f"<table class='completions'><tr><th>prompt</th><th>completion ({len(session.edits)} edit(s) active)</th></tr>{rows}</table>"

@@ -8,6 +8,7 @@ import gradio as gr
 
 from ...core.facts import load_facts
 from ...core.models import DEFAULT_MODEL
+from ...studies.compare import GENERATION_TOKENS
 from ...tracing import KINDS
 from .. import plots
 from ..model_policy import field_label
@@ -118,6 +119,7 @@ class EditTab:
     original_plots: list
     edited_plots: list
     free_prompts: gr.Textbox
+    new_tokens: gr.Number
     complete_button: gr.Button
     completions: gr.HTML
     toggle_button: gr.Button
@@ -229,12 +231,15 @@ def edit_tab() -> EditTab:
                 gr.Markdown("**Edited model**")
                 edited_plots = [gr.Plot(label=f"edited {kind}", visible=False) for kind in KINDS]
     with gr.Accordion("Try your edited model", open=False):
-        free_prompts = gr.Textbox(label="Prompts (one per line)", lines=3, value="The Eiffel Tower is located in")
+        with gr.Row():
+            free_prompts = gr.Textbox(label="Prompts (one per line)", lines=3, value="The Eiffel Tower is located in", scale=4)
+            new_tokens = gr.Number(label=f"new tokens (at most {config.LIMITS.max_new_tokens})", precision=0, scale=1,
+                                   value=min(GENERATION_TOKENS, config.LIMITS.max_new_tokens))
         complete_button = gr.Button("Complete")
         completions = gr.HTML(label="completions")
     return EditTab(case, prompt, subject, target_new, target_true, layer, method, paraphrases, neighborhood, generate, button,
                    cancel, generations, bars, table, metrics, edits, undo_number, undo_button, reset_button, compare_kinds,
-                   compare_button, compare_caption, original_plots, edited_plots, free_prompts, complete_button, completions,
+                   compare_button, compare_caption, original_plots, edited_plots, free_prompts, new_tokens, complete_button, completions,
                    toggle_button, health, sweep)
 
 
@@ -316,7 +321,8 @@ def wire_edit(e: EditTab, t: TraceTab, workspace: gr.State) -> list:
         compare_traces, [e.prompt, e.subject, e.target_new, e.compare_kinds, t.samples, t.window, t.noise, workspace],
         [*e.original_plots, *e.edited_plots, e.compare_caption], api_name="compare", **job_queue(),
     )
-    e.complete_button.click(complete_prompts, [e.free_prompts, workspace], [e.completions], api_name="complete", **job_queue())
+    e.complete_button.click(complete_prompts, [e.free_prompts, e.new_tokens, workspace], [e.completions], api_name="complete",
+                            **job_queue())
     return [edit_event, compare_event, sweep_event]
 
 
@@ -373,14 +379,24 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
     return demo
 
 
+def queued_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
+    """The page with its queue: the model's jobs take turns in their own group (job_queue); past ``queue_size``
+    waiting requests Gradio answers "queue is full"."""
+    demo = build_app(model_name)
+    demo.queue(default_concurrency_limit=1, max_size=config.LIMITS.queue_size)
+    return demo
+
+
+def launch_settings() -> dict:
+    """``launch``'s caps: Gradio itself refuses a larger upload before storing it (the handler checks again)."""
+    return {"max_file_size": config.LIMITS.max_upload_bytes}
+
+
 def launch(model_name: str | None = None) -> None:
     """Start the app: ``ROME_EXPLORER_MODEL`` (or ``model_name``) on 127.0.0.1 unless GRADIO_SERVER_NAME says otherwise."""
     model_name = model_name or os.environ.get("ROME_EXPLORER_MODEL", DEFAULT_MODEL)
-    demo = build_app(model_name)
+    demo = queued_app(model_name)
     # Load the model and prepare its first edit while the page is already served; a failure is shown in the
     # status line, and the first request that needs the model tries again and says why.
     start_preparation(model_name)
-    # The model's jobs take turns in their own group (job_queue); past ``queue_size`` waiting requests Gradio
-    # answers "queue is full".
-    demo.queue(default_concurrency_limit=1, max_size=config.LIMITS.queue_size)
-    demo.launch()
+    demo.launch(**launch_settings())

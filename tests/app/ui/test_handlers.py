@@ -73,7 +73,7 @@ def test_edit_panel_compares_and_sessions_do_not_mix(tiny_app, monkeypatch):
     original_z, edited_z, unedited_z = (np.asarray(figure["value"].data[0].z) for figure in (compared[0], compared[3], unedited[0]))
     assert np.allclose(original_z, unedited_z, atol=1e-6) and not np.allclose(edited_z, original_z, atol=1e-6)
     assert compared[1]["visible"] is False and compared[4]["visible"] is False  # mlp was not asked for
-    assert "1 edit(s) active" in ui.complete_prompts("The Eiffel Tower is", mine)
+    assert "1 edit(s) active" in ui.complete_prompts("The Eiffel Tower is", 30, mine)
     edits, mine = ui.undo_edit("", mine)  # an empty field: the last edit
     assert edits == []
     again = traced(*trace_args, mine, **QUIET)
@@ -197,6 +197,86 @@ def test_limits_come_from_the_environment():
     documented = (Path(__file__).resolve().parents[3] / "SECURITY.md").read_text()
     for variable, default in documented_defaults().items():
         assert f"`{variable}` | {default:,} |" in documented, variable
+
+
+def test_each_cap_is_read_from_its_own_variable():
+    from dataclasses import fields, replace
+
+    from explorer.app.limits import ENVIRONMENT, AppLimits
+
+    assert sorted(ENVIRONMENT.values()) == sorted(f.name for f in fields(AppLimits))  # every cap has one variable
+    for variable, name in ENVIRONMENT.items():
+        assert AppLimits.from_env({variable: "7"}) == replace(AppLimits(), **{name: 7}), variable
+
+
+def _over_the_cap(variable: str, tmp_path: Path, workspace):
+    """The request just over the cap ``variable`` sets (to 3), run through the handlers."""
+    prompt = "The Eiffel Tower is located in the city of"
+    requests = {
+        "ROME_EXPLORER_MAX_PROMPT_TOKENS": lambda: traced(prompt, "The Eiffel Tower", ["hidden"], 2, 2, 3, workspace, **QUIET),
+        "ROME_EXPLORER_MAX_SAMPLES": lambda: traced(prompt, "The Eiffel Tower", ["hidden"], 4, 2, 3, workspace, **QUIET),
+        "ROME_EXPLORER_MAX_WINDOW": lambda: traced(prompt, "The Eiffel Tower", ["mlp"], 2, 4, 3, workspace, **QUIET),
+        "ROME_EXPLORER_MAX_PROMPTS": lambda: edited("{} is in", "The Eiffel Tower", " Rome", "", "1", "rome", "a\nb\nc\nd", "",
+                                                    "", workspace, **QUIET),
+        "ROME_EXPLORER_MAX_NEW_TOKENS": lambda: ui.complete_prompts("The Eiffel Tower is", 4, workspace),
+        "ROME_EXPLORER_MAX_FACTS": lambda: ui.run_average(None, 4, ["hidden"], 2, workspace, **QUIET),
+        "ROME_EXPLORER_MAX_UPLOAD_BYTES": lambda: ui.run_average(_upload(tmp_path), 1, ["hidden"], 2, workspace, **QUIET),
+        "ROME_EXPLORER_MAX_EDITS": lambda: [_edit(workspace) for _ in range(4)],
+    }
+    return requests[variable]()
+
+
+def _upload(tmp_path: Path) -> str:
+    """A valid fact set of one fact (its cap is set to its size less one)."""
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([{"subject": "The Eiffel Tower", "prompt": "The Eiffel Tower is located in the city of",
+                                 "attribute": " Paris"}]))
+    return str(path)
+
+
+# Each cap set to 3 through its variable, and the message the request just over it gets.
+CAP_REQUESTS = {
+    "ROME_EXPLORER_MAX_PROMPT_TOKENS": "over the limit of 3",
+    "ROME_EXPLORER_MAX_SAMPLES": "samples",
+    "ROME_EXPLORER_MAX_WINDOW": "window",
+    "ROME_EXPLORER_MAX_PROMPTS": "4 paraphrases given, over the limit of 3",
+    "ROME_EXPLORER_MAX_NEW_TOKENS": "new tokens must be between 1 and 3",
+    "ROME_EXPLORER_MAX_FACTS": "between 1 and 3, got 4",
+    "ROME_EXPLORER_MAX_UPLOAD_BYTES": "bytes, over the limit of",
+    "ROME_EXPLORER_MAX_EDITS": "3 edits are active, the limit",
+}
+
+
+@pytest.mark.parametrize("variable", sorted(CAP_REQUESTS))
+def test_each_request_cap_set_by_its_variable_refuses_the_request_just_over_it(variable, tiny_app, tmp_path, monkeypatch):
+    import gradio as gr
+
+    from explorer.app.limits import AppLimits
+
+    workspace = ui.Workspace()
+    value = "3"
+    if variable == "ROME_EXPLORER_MAX_UPLOAD_BYTES":
+        value = str(Path(_upload(tmp_path)).stat().st_size - 1)
+    monkeypatch.setattr(ui.config, "LIMITS", AppLimits.from_env({variable: value}))
+    weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
+    with pytest.raises(gr.Error, match=CAP_REQUESTS[variable]):
+        _over_the_cap(variable, tmp_path, workspace)
+    assert len(workspace.session.edits) == (3 if variable == "ROME_EXPLORER_MAX_EDITS" else 0)
+    assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight)
+
+
+def test_the_queue_running_and_upload_caps_reach_gradio(tiny_app, monkeypatch):
+    from explorer.app.limits import AppLimits
+
+    monkeypatch.setattr(ui.config, "LIMITS", AppLimits.from_env({"ROME_EXPLORER_QUEUE": "5", "ROME_EXPLORER_MAX_RUNNING": "3",
+                                                                 "ROME_EXPLORER_MAX_UPLOAD_BYTES": "1234"}))
+    demo = ui.queued_app()
+    assert demo._queue.max_size == 5
+    model_jobs = [fn for fn in demo.fns.values() if fn.concurrency_id == "model-jobs"]
+    assert {fn.api_name for fn in model_jobs} == {"trace", "inspect", "edit", "toggle", "sweep", "compare", "complete",
+                                                  "average", "severed"}
+    assert {fn.concurrency_limit for fn in model_jobs} == {3}
+    assert ui.launch_settings() == {"max_file_size": 1234}
 
 
 def test_example_cases_fill_the_edit_fields():

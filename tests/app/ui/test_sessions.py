@@ -3,7 +3,6 @@ every session, and a session that needs it again gets it back with its edits."""
 from __future__ import annotations
 
 import gc
-import threading
 import weakref
 
 import torch
