@@ -313,11 +313,13 @@ def _live_tensor_bytes() -> int:
 CYCLES = 50
 
 
-def test_memory_stays_flat_over_many_trace_edit_undo_cycles(tiny_app):
+@pytest.mark.parametrize("leak", [False, True], ids=["as-is", "leaking-a-copy-per-cycle"])
+def test_memory_stays_flat_over_many_trace_edit_undo_cycles(tiny_app, leak):
     """50 trace + edit + cancelled trace + undo cycles keep no tensors alive, nor grow resident memory.
 
-    Both bounds are a fraction of the model's own size, so leaking even one copy of the model in all the
-    cycles together fails (the allocator keeps some slack in resident memory, hence its looser bound).
+    Both bounds are a fraction of the model's own size (the allocator keeps some slack in resident memory,
+    hence its looser bound). With ``leak``, each cycle keeps one copy of the model's weights, and both bounds
+    must catch it: that is the leak SECURITY.md says they catch.
     """
     import gradio as gr
 
@@ -325,9 +327,13 @@ def test_memory_stays_flat_over_many_trace_edit_undo_cycles(tiny_app):
     weight = tiny_app.arch.mlp_out_weight(1).detach().clone()
     model_bytes = sum(p.numel() * p.element_size() for p in tiny_app.model.parameters())
 
+    leaked = []
+
     def cycle():
         traced("The Eiffel Tower is located in", "The Eiffel Tower", ["hidden", "mlp"], 3, 2, 3, workspace, **QUIET)
         _edit(workspace)
+        if leak:
+            leaked.append([p.detach().clone() for p in tiny_app.model.parameters()])
         with pytest.raises(gr.Error, match="cancelled"):
             traced("The Eiffel Tower is in", "The Eiffel Tower", ["attn"], 3, 2, 3, workspace,
                          progress=lambda *a, **k: ui.cancel_job(workspace))
@@ -341,8 +347,12 @@ def test_memory_stays_flat_over_many_trace_edit_undo_cycles(tiny_app):
     tensor_growth, resident_growth = _live_tensor_bytes() - tensors, _resident_mb() - resident
     print(f"over {CYCLES} cycles, model {model_bytes / 2**20:.2f} MB: live tensors {tensor_growth / 2**20:+.2f} MB, "
           f"resident {resident_growth:+.1f} MB")
-    assert tensor_growth < 0.5 * model_bytes, f"live tensors grew by {tensor_growth / 2**20:.2f} MB"
-    assert resident_growth * 2**20 < 20 * model_bytes, f"resident memory grew by {resident_growth:.1f} MB"
+    if leak:
+        assert tensor_growth >= 0.5 * model_bytes and resident_growth * 2**20 >= 20 * model_bytes
+        leaked.clear()
+    else:
+        assert tensor_growth < 0.5 * model_bytes, f"live tensors grew by {tensor_growth / 2**20:.2f} MB"
+        assert resident_growth * 2**20 < 20 * model_bytes, f"resident memory grew by {resident_growth:.1f} MB"
     assert torch.equal(tiny_app.arch.mlp_out_weight(1), weight) and workspace.session.edits == []
 
 
