@@ -6,4 +6,6 @@
 - ``model_policy``: which models visitors may load, and how large; ``limits``: the per-request caps.
 - ``preparation``: the start-up work on a shared model (load, then prepare its first edit) in the background.
 - ``caches``: a small thread-safe most-recently-used cache.
+- ``scheduler``: the turns visitors' jobs take on the shared cores, step by step, in an order fair to visitors.
+- ``allocator``: glibc malloc's settings for a server whose jobs run in worker threads (app.py applies them).
 """

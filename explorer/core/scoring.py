@@ -91,11 +91,22 @@ def target_probabilities(handle: LoadedModel, prompts: Sequence[str], target: st
 
 def top_prediction(handle: LoadedModel, prompt: str) -> int:
     """The model's greedy next token after ``prompt``."""
-    ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"].to(handle.device)
+    return top_predictions(handle, [prompt])[0]
+
+
+def top_predictions(handle: LoadedModel, prompts: Sequence[str]) -> list[int]:
+    """The model's greedy next token after each prompt, in batched passes (one per ROWS_PER_PASS prompts)."""
+    encoded = [list(handle.tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    tops: list[int] = []
     with handle.weights.locked(), torch.no_grad():
-        # Unembed the last position only: the full-sequence logits cost a 262k-wide product per token.
-        final = handle.arch.backbone(input_ids=ids).last_hidden_state[:, -1]
-        return int(handle.arch.logits(final)[0].argmax())
+        for begin in range(0, len(encoded), ROWS_PER_PASS):
+            batch = encoded[begin : begin + ROWS_PER_PASS]
+            ids, mask = right_padded(batch, pad_token(handle))
+            hidden = handle.arch.backbone(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device)).last_hidden_state
+            # Unembed each prompt's last position only: the full-sequence logits cost a 262k-wide product per token.
+            final = hidden[torch.arange(len(batch)), torch.tensor([len(row) - 1 for row in batch])]
+            tops += handle.arch.logits(final).argmax(-1).tolist()
+    return tops
 
 
 def answer_starts_with(handle: LoadedModel, fact: Fact, token_id: int) -> bool:

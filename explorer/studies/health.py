@@ -25,7 +25,7 @@ import torch
 from ..core.facts import Fact, load_facts
 from ..core.generation import complete
 from ..core.models import LoadedModel
-from ..core.scoring import answer_starts_with, predicts, target_ids, top_prediction
+from ..core.scoring import answer_starts_with, predicts, target_ids, top_predictions
 from ..editing.edits import Edit, EditSession
 from .compare import ENTROPY_COLLAPSE_BITS
 from .metrics import ngram_entropy
@@ -116,7 +116,7 @@ def model_health(session: EditSession, probes: Sequence[Fact], baseline_fluency:
     probes = [fact for fact in probes if not _about(fact, [edit.request.subject for edit in edits])]
     new_first_tokens = {target_ids(handle, edit.request.target_new)[0] for edit in edits}
     with session.applied():
-        tops = [top_prediction(handle, fact.prompt) for fact in probes]
+        tops = top_predictions(handle, [fact.prompt for fact in probes])
         right = sum(answer_starts_with(handle, fact, top) for fact, top in zip(probes, tops))
         leaked = tuple(fact.prompt for fact, top in zip(probes, tops)
                        if not answer_starts_with(handle, fact, top) and top in new_first_tokens)
