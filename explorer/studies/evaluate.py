@@ -61,8 +61,17 @@ class Case:
     neighborhood_answer: str | None = None  # zsRE: the neighbourhood question's own answer
 
 
-def _space(text: str) -> str:
+def _json_type(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words (for messages about a record's fields)."""
+    names = {type(None): "null", bool: "true/false", int: "a number", float: "a number", str: "text", list: "a list",
+             dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _space(text: object, field: str) -> str:
     """CounterFact stores objects without their leading space; the model reads them after one."""
+    if not isinstance(text, str):
+        raise InputError(f"{field} must be text, not {_json_type(text)}")
     return text if text.startswith(" ") else " " + text
 
 
@@ -79,60 +88,112 @@ def detect_format(record: object) -> str:
     raise InputError(f"unrecognised data set record; expected one of: {expected}")
 
 
-def _as_list(value: object) -> tuple[str, ...]:
+def _as_list(value: object, field: str) -> tuple[str, ...]:
+    """A field that holds one prompt or a list of them, as a tuple (none for a missing field)."""
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
-    return tuple(str(v) for v in value)
+    if not isinstance(value, list):
+        raise InputError(f"{field} must be text or a list of texts, not {_json_type(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise InputError(f"{field} must be text or a list of texts; it holds {_json_type(item)}")
+    return tuple(value)
+
+
+def _short_name(kind: str) -> str:
+    return FORMATS[kind].split(" (")[0]
+
+
+def rewrite_metric_names(kind: str) -> tuple[str, str, str]:
+    """The names :func:`summarise` gives data set format ``kind``'s efficacy, paraphrase and neighbourhood scores."""
+    if kind not in FORMATS:
+        raise InputError(f"unknown data set format {kind!r}; the formats are {', '.join(FORMATS)}")
+    return ZSRE_METRICS if kind == "zsre" else ("ES", "PS", "NS")
 
 
 def parse_case(record: dict, kind: str, index: int, zsre_target: str = ZSRE_TARGETS[0]) -> Case:
-    """A :class:`Case` from one record of format ``kind`` (zsRE read in the ``zsre_target`` convention)."""
+    """A :class:`Case` from one record of format ``kind`` (zsRE read in the ``zsre_target`` convention).
+
+    A record this cannot score is an :class:`InputError` naming it (its position in the file, and its
+    case_id where it has one) and what is wrong with it, before any model is loaded.
+    """
+    if not isinstance(record, dict):
+        raise InputError(f"record {index} is {_json_type(record)}, not an object of {_short_name(kind)}; check the file")
+    name = f"record {index}" + (f" (case_id {record['case_id']})" if isinstance(record.get("case_id"), (int, str)) else "")
     try:
-        if kind == "counterfact":
-            rewrite = record["requested_rewrite"]
-            request = make_request(
-                rewrite["prompt"], rewrite["subject"], _space(rewrite["target_new"]["str"]), _space(rewrite["target_true"]["str"])
-            )
-            return Case(
-                case_id=str(record.get("case_id", index)),
-                request=request,
-                paraphrases=_as_list(record.get("paraphrase_prompts")),
-                neighborhood=_as_list(record.get("neighborhood_prompts")),
-                generation=_as_list(record.get("generation_prompts")),
-            )
-        if kind == "counterfact-easyedit":
-            request = make_request(record["prompt"], record["subject"], _space(record["target_new"]), _space(record["ground_truth"]))
-            return Case(
-                case_id=str(record.get("case_id", index)),
-                request=request,
-                paraphrases=_as_list(record.get("rephrase_prompt")),
-                neighborhood=_as_list(record.get("locality_prompt")),
-            )
-        answer = record["answers"][0] if record.get("answers") else record.get("pred")
-        if zsre_target == "answers":
-            if not answer:
-                raise KeyError("answers")
-            request = make_request(record["src"], record["subject"], _space(answer))
-            neighbours = tuple(question + "?" for question in _as_list(record.get("loc")))
-        else:
-            # Where the record's alternative is its answer (MEND's alt is the answer when the base model was
-            # wrong), the edit has no distinct true object: zsRE's metrics do not read one.
-            distinct = answer and answer.strip() != str(record["alt"]).strip()
-            request = make_request(record["src"], record["subject"], _space(record["alt"]), _space(answer) if distinct else None)
-            neighbours = _as_list(record.get("loc"))
-        return Case(
-            case_id=str(record.get("case_id", index)),
-            request=request,
-            paraphrases=_as_list(record.get("rephrase")),
-            neighborhood=neighbours,
-            neighborhood_answer=_space(record["loc_ans"]),
-        )
-    except (KeyError, TypeError, IndexError) as error:
-        raise InputError(f"record {index} ({FORMATS[kind].split(' (')[0]}) lacks field {error}; check the file") from None
+        own = detect_format(record)
+    except InputError:
+        own = kind  # a record of no known format: the fields it lacks are named below
+    if own != kind:
+        raise InputError(f"{name} is {_short_name(own)}, but the data set's first record is {_short_name(kind)}; "
+                         "a data set holds records of one format")
+    try:
+        if kind in ("counterfact", "counterfact-easyedit"):
+            return _counterfact_case(record, kind, index)
+        return _zsre_case(record, index, zsre_target)
+    except KeyError as error:
+        raise InputError(f"{name} ({_short_name(kind)}) lacks field {error}; check the file") from None
+    except (TypeError, IndexError) as error:
+        raise InputError(f"{name} ({_short_name(kind)}) has a field of the wrong type ({error}); check the file") from None
     except InputError as error:
-        raise InputError(f"record {index}: {error}") from None
+        raise InputError(f"{name}: {error}") from None
+
+
+def _rome_object(rewrite: dict, name: str) -> str:
+    """The text of one of ROME's objects, which its records write as ``{"str": "Paris", "id": "Q90"}``."""
+    value = rewrite[name]
+    if not isinstance(value, dict):
+        raise InputError(f'requested_rewrite.{name} must be an object like {{"str": "Paris"}}, not {_json_type(value)}')
+    return _space(value["str"], f"requested_rewrite.{name}.str")
+
+
+def _counterfact_case(record: dict, kind: str, index: int) -> Case:
+    if kind == "counterfact":
+        rewrite = record["requested_rewrite"]
+        true_field = "requested_rewrite.target_true.str"
+        request = make_request(rewrite["prompt"], rewrite["subject"], _rome_object(rewrite, "target_new"), _rome_object(rewrite, "target_true"))
+        paraphrases, neighborhood = ("paraphrase_prompts", "neighborhood_prompts")
+    else:
+        true_field = "ground_truth"
+        request = make_request(record["prompt"], record["subject"], _space(record["target_new"], "target_new"),
+                               _space(record["ground_truth"], true_field))
+        paraphrases, neighborhood = ("rephrase_prompt", "locality_prompt")
+    if request.target_true is None:
+        # ES, PS and NS ask whether the new object is more likely than the true one: without it there is no score.
+        raise InputError(f"{true_field} is empty; CounterFact's scores compare the new object with the true one")
+    return Case(
+        case_id=str(record.get("case_id", index)),
+        request=request,
+        paraphrases=_as_list(record.get(paraphrases), paraphrases),
+        neighborhood=_as_list(record.get(neighborhood), neighborhood),
+        generation=_as_list(record.get("generation_prompts"), "generation_prompts") if kind == "counterfact" else (),
+    )
+
+
+def _zsre_case(record: dict, index: int, zsre_target: str) -> Case:
+    answers = _as_list(record.get("answers"), "answers")
+    answer, answer_field = (answers[0], "answers") if answers else (record.get("pred"), "pred")
+    if zsre_target == "answers":
+        if not answer:
+            raise KeyError("answers")
+        request = make_request(record["src"], record["subject"], _space(answer, answer_field))
+        neighbours = tuple(question + "?" for question in _as_list(record.get("loc"), "loc"))
+    else:
+        # Where the record's alternative is its answer (MEND's alt is the answer when the base model was
+        # wrong), the edit has no distinct true object: zsRE's metrics do not read one.
+        alt = _space(record["alt"], "alt")
+        distinct = answer and str(answer).strip() != alt.strip()
+        request = make_request(record["src"], record["subject"], alt, _space(answer, answer_field) if distinct else None)
+        neighbours = _as_list(record.get("loc"), "loc")
+    return Case(
+        case_id=str(record.get("case_id", index)),
+        request=request,
+        paraphrases=_as_list(record.get("rephrase"), "rephrase"),
+        neighborhood=neighbours,
+        neighborhood_answer=_space(record["loc_ans"], "loc_ans"),
+    )
 
 
 def read_dataset(path: str | Path, limit: int | None = None, zsre_target: str = ZSRE_TARGETS[0]) -> tuple[str, list[Case]]:

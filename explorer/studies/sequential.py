@@ -22,13 +22,11 @@ from ..core.models import LoadedModel
 from ..core.progress import Progress, no_progress, part_of
 from ..editing import EditOptions, edit_fact, plan_edit
 from ..editing.edits import EditSession
-from .evaluate import Case, case_metrics, summarise
+from .evaluate import Case, case_metrics, rewrite_metric_names, summarise
 from .health import PROBE_FACTS, baseline_fluency, model_health, probe_facts
 
-# The JSON keys of a checkpoint's scores, from each data set's metric names.
-SCORE_NAMES = {"counterfact": {"ES": "ES", "PS": "PS", "NS": "NS"},
-               "counterfact-easyedit": {"ES": "ES", "PS": "PS", "NS": "NS"},
-               "zsre": {"ES": "efficacy", "PS": "paraphrase", "NS": "specificity"}}
+# A checkpoint's keys for its efficacy, paraphrase and neighbourhood scores, whatever the data set calls them.
+SCORE_KEYS = ("ES", "PS", "NS")
 
 
 @dataclass(frozen=True)
@@ -51,11 +49,12 @@ class SequentialSettings:
 
 def checkpoint_scores(handle: LoadedModel, cases: Sequence[Case], kind: str) -> dict[str, float | None]:
     """ES, PS and NS (percent) of ``cases`` on the model as it is now (inside ``applied()``)."""
+    names = rewrite_metric_names(kind)
     if not cases:
-        return {key: None for key in SCORE_NAMES[kind]}
+        return dict.fromkeys(SCORE_KEYS)
     per_case = [{"now": case_metrics(handle, case, kind, generation=False, seed=index)} for index, case in enumerate(cases)]
     summary = summarise(per_case, "now", kind)
-    return {key: summary[name]["mean"] for key, name in SCORE_NAMES[kind].items()}
+    return {key: summary[name]["mean"] for key, name in zip(SCORE_KEYS, names)}
 
 
 def sequential_run(
@@ -74,6 +73,7 @@ def sequential_run(
     session of this run only.
     """
     settings.validate(len(cases))
+    rewrite_metric_names(kind)  # an unknown format is refused before the edits are prepared
     plan = plan_edit(handle, replace(settings.edit, method=settings.method), part_of(progress, 0, 0.01, "preparing: "))
     began = time.perf_counter()
     session = EditSession(handle)

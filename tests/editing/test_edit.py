@@ -506,3 +506,50 @@ def test_reference_settings_take_the_reference_layer_by_the_models_shape_not_its
         handle = prepare("/home/me/models/my-local-copy", model, tokenizer)
         assert edit_layer(handle, EditOptions(settings="reference")) == layer
         assert edit_layer(handle, EditOptions(settings="reference", layer=3)) == 3
+
+
+def _made_up_edit(right=None, left=None, dense=None, weight_norm=10.0):
+    """An :class:`Edit` of a 4×3 matrix with the given update, computed by nothing: only its warnings are asked."""
+    from explorer.editing.edits import Edit
+
+    def array(values):
+        return None if values is None else np.array(values, dtype=np.float64)
+
+    return Edit(request=REQUEST, layer=1, method="ft" if dense is not None else "rome", model="made-up", weight_shape=(4, 3),
+                right=array(right), left=array(left), dense=array(dense), stats={}, weight_norm=weight_norm)
+
+
+BROKEN_VALUES = "the update contains NaN or infinite values; do not apply it"
+
+
+@pytest.mark.parametrize("update", [
+    {"right": [1.0, float("nan"), 0.0, 0.0], "left": [1.0, 0.0, 0.0]},
+    {"right": [1.0, 0.0, 0.0, 0.0], "left": [0.0, float("inf"), 0.0]},
+    {"dense": [[0.0, 0.0, 0.0], [0.0, 0.0, -float("inf")], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]},
+    {"dense": [[float("nan")] * 3] * 4},
+])
+def test_an_update_with_nan_or_infinite_values_warns_only_of_that(update):
+    # An infinite update is also larger than the matrix: the one warning says what is really wrong.
+    assert _made_up_edit(**update).warnings() == [BROKEN_VALUES]
+
+
+@pytest.mark.parametrize("update, weight_norm, shown", [
+    ({"right": [3.0, 0.0, 0.0, 0.0], "left": [0.0, 4.0, 0.0]}, 10.0, ("12", "10")),  # ‖ΔW‖ = 3 · 4
+    ({"right": [0.0, 0.0, 0.0, 2.0], "left": [2.0, 2.0, 1.0]}, 5.5, ("6", "5.5")),  # 2 · √(4 + 4 + 1)
+    ({"dense": [[6.0, 0.0, 0.0], [0.0, 8.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]}, 9.99, ("10", "9.99")),  # √(36 + 64)
+])
+def test_an_update_larger_than_the_whole_matrix_warns_with_both_norms(update, weight_norm, shown):
+    assert _made_up_edit(**update, weight_norm=weight_norm).warnings() == [
+        f"the update norm {shown[0]} exceeds the whole matrix's norm {shown[1]}; "
+        "the edit may break the model (try another layer or the rome method)"
+    ]
+
+
+@pytest.mark.parametrize("update, weight_norm", [
+    ({"right": [3.0, 0.0, 0.0, 0.0], "left": [0.0, 4.0, 0.0]}, 12.0),  # as large as the matrix, not larger
+    ({"right": [3.0, 0.0, 0.0, 0.0], "left": [0.0, 4.0, 0.0]}, 100.0),
+    ({"dense": [[6.0, 0.0, 0.0], [0.0, 8.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]}, 10.0),
+    ({"right": [0.0] * 4, "left": [0.0] * 3}, 1.0),
+])
+def test_a_finite_update_no_larger_than_the_matrix_warns_of_nothing(update, weight_norm):
+    assert _made_up_edit(**update, weight_norm=weight_norm).warnings() == []

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,6 +56,73 @@ def test_a_skip_fails_under_ci_and_hypothesis_is_derandomized(tmp_path):
     assert strict.returncode == 1 and "every test must run: no such thing here" in strict.stdout, strict.stdout
     assert "derandomize True" in strict.stdout
     assert relaxed.returncode == 0 and "SKIPPED" in relaxed.stdout and "derandomize False" in relaxed.stdout, relaxed.stdout
+
+
+CI_STRICT_SAMPLES = {
+    "test_importorskip.py": "import pytest\npytest.importorskip('no_such_module_for_ci')\ndef test_never():\n    pass\n",
+    "test_module_skip.py": "import pytest\npytest.skip('module switched off', allow_module_level=True)\ndef test_never():\n    pass\n",
+    "test_marks.py": (
+        "import pytest\n"
+        "@pytest.mark.skipif(True, reason='condition holds')\ndef test_skipif():\n    pass\n"
+        "@pytest.mark.xfail(reason='known broken')\ndef test_xfail_mark():\n    assert False\n"
+        "def test_xfail_call():\n    pytest.xfail('called xfail')\n"
+        "@pytest.mark.xfail(reason='thought broken')\ndef test_xpass():\n    pass\n"
+        "def test_plain():\n    pass\n"
+    ),
+}
+
+
+def _ci_strict_run(folder: Path, ci: str | None, loader: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """pytest on ``folder`` with tests/ci_strict.py loaded by ``-p`` or by a conftest holding tests/conftest.py's import of
+    it; the run and its short summary lines (-rA)."""
+    arguments = ["-p", "tests.ci_strict"] if loader == "-p" else []
+    if loader == "conftest":
+        imports = [line for line in (REPO / "tests" / "conftest.py").read_text().splitlines() if line.startswith("from tests.ci_strict ")]
+        (folder / "conftest.py").write_text("\n".join(imports) + "\n")
+    env = {key: value for key, value in os.environ.items() if key != "CI"} | {"PYTHONPATH": str(REPO)} | ({"CI": ci} if ci else {})
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *arguments, str(folder)],
+                         cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    summary = run.stdout.split("short test summary info", 1)[-1].splitlines()
+    return run, [line for line in summary if line.split(" ", 1)[0] in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS")]
+
+
+@pytest.mark.parametrize("loader", ["-p", "conftest"])
+def test_skips_while_collected_xfails_and_xpasses_fail_under_ci(tmp_path, loader):
+    """Under CI=true every way a test can not run or not pass is a failure with its reason; without CI pytest's own outcomes."""
+    for name, text in CI_STRICT_SAMPLES.items():
+        (tmp_path / name).write_text(text)
+    must_run, must_pass = "under CI=true, where every test must run", "under CI=true, where every test must pass"
+    strict, lines = _ci_strict_run(tmp_path, "true", loader)
+    assert strict.returncode == 1, strict.stdout
+    assert sorted(lines) == sorted([
+        f"FAILED test_importorskip.py::skipped-while-collected - Failed: skipped while collected {must_run}: "
+        "could not import 'no_such_module_for_ci': No module named 'no_such_module_for_ci'",
+        f"FAILED test_module_skip.py::skipped-while-collected - Failed: skipped while collected {must_run}: module switched off",
+        f"ERROR test_marks.py::test_skipif - skipped {must_run}: condition holds",  # failed in its setup, where marks are read
+        f"FAILED test_marks.py::test_xfail_mark - expected to fail (xfail) {must_pass}: known broken",
+        f"FAILED test_marks.py::test_xfail_call - expected to fail (xfail) {must_pass}: called xfail",
+        f"FAILED test_marks.py::test_xpass - marked xfail but passed (XPASS) {must_pass}: remove the mark (thought broken)",
+        "PASSED test_marks.py::test_plain",
+    ]), strict.stdout
+    assert strict.stdout.strip().splitlines()[-1].startswith("5 failed, 1 passed, 1 error in ")
+
+    relaxed, lines = _ci_strict_run(tmp_path, None, loader)
+    assert relaxed.returncode == 0, relaxed.stdout
+    assert relaxed.stdout.strip().splitlines()[-1].startswith("1 passed, 3 skipped, 2 xfailed, 1 xpassed in "), relaxed.stdout
+    assert {"PASSED test_marks.py::test_plain", "XFAIL test_marks.py::test_xfail_mark - known broken",
+            "XFAIL test_marks.py::test_xfail_call - called xfail", "XPASS test_marks.py::test_xpass - thought broken",
+            "SKIPPED [1] test_marks.py:2: condition holds", "SKIPPED [1] test_module_skip.py:2: module switched off",
+            "SKIPPED [1] test_importorskip.py:2: could not import 'no_such_module_for_ci': No module named 'no_such_module_for_ci'",
+            } <= set(lines), relaxed.stdout
+
+
+def test_the_test_suite_loads_every_hook_of_ci_strict():
+    """tests/conftest.py imports tests/ci_strict.py's hooks by name: each one it defines, none left out."""
+    hooks = {node.name for node in ast.parse((REPO / "tests" / "ci_strict.py").read_text()).body
+             if isinstance(node, ast.FunctionDef) and node.name.startswith("pytest_")}
+    imported = {alias.name for node in ast.parse((REPO / "tests" / "conftest.py").read_text()).body
+                if isinstance(node, ast.ImportFrom) and node.module == "tests.ci_strict" for alias in node.names}
+    assert hooks and imported == hooks
 
 
 def test_readme_front_matter_makes_a_gradio_space():

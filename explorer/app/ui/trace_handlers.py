@@ -1,7 +1,7 @@
 """The Trace tab's handlers: the streamed trace with its estimate, a look inside one cell, and original vs edited traces."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
@@ -24,9 +24,19 @@ from .jobs import JobReport, in_worker, streamed
 from .sessions import Workspace
 
 
+def heatmaps(result: TraceResult) -> tuple:
+    """A plotly figure per kind of KINDS, None where the result has no such kind."""
+    return tuple(plots.heatmap(result, kind) if kind in result.scores else None for kind in KINDS)
+
+
 def _figures(result: TraceResult) -> list:
-    return [gr.update(value=plots.heatmap(result, kind), visible=True) if kind in result.scores else gr.update(value=None, visible=False)
-            for kind in KINDS]
+    return _shown(heatmaps(result))
+
+
+def _shown(figures) -> list:
+    """One fresh update per heatmap slot (Gradio consumes an update's value, so a cached one cannot be reused)."""
+    return [gr.update(value=figure, visible=True) if figure is not None else gr.update(value=None, visible=False)
+            for figure in figures]
 
 
 def peak_mlp_layer(result: TraceResult) -> int | None:
@@ -50,17 +60,29 @@ def trace_key(session: EditSession, prompt: str, subject: str | None, options: T
             options, config.LIMITS.trace)
 
 
-def _trace_outputs(result: TraceResult, session: EditSession, workspace: Workspace) -> tuple:
+@dataclass(frozen=True)
+class FinishedTrace:
+    """A finished trace as the page shows it, figures built once: kept in config.TRACE_CACHE for repeats."""
+
+    estimate: TraceResult
+    exact: TraceResult
+    exact_figures: tuple  # a plotly figure per kind of KINDS, None where not traced
+    estimate_figures: tuple
+    agreement: str
+
+    @classmethod
+    def of(cls, estimate: TraceResult, exact: TraceResult) -> FinishedTrace:
+        report = plots.agreement_markdown(agreement(exact, estimate), estimate.seconds, exact.seconds)
+        return cls(estimate, exact, heatmaps(exact), heatmaps(estimate), report)
+
+
+def _finished(finished: FinishedTrace, session: EditSession, workspace: Workspace) -> tuple:
+    exact = finished.exact
     applied = len(session.applied_edits())
-    caption = plots.caption(result) + (f" (on the model with {applied} edit(s) of yours)" if applied else "")
-    layer = peak_mlp_layer(result)
-    return (*_figures(result), caption, result.subject, write_downloads(result, workspace.files("trace")),
-            gr.update() if layer is None else str(layer), workspace)
-
-
-def _finished(estimate: TraceResult, exact: TraceResult, session: EditSession, workspace: Workspace) -> tuple:
-    report = plots.agreement_markdown(agreement(exact, estimate), estimate.seconds, exact.seconds)
-    return (*_trace_outputs(exact, session, workspace), *_figures(estimate), report)
+    caption = plots.caption(exact) + (f" (on the model with {applied} edit(s) of yours)" if applied else "")
+    layer = peak_mlp_layer(exact)
+    return (*_shown(finished.exact_figures), caption, exact.subject, write_downloads(exact, workspace.files("trace")),
+            gr.update() if layer is None else str(layer), workspace, *_shown(finished.estimate_figures), finished.agreement)
 
 
 @user_errors
@@ -77,11 +99,11 @@ def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspa
     key = trace_key(session, str(prompt), subject, options)
     cached = config.TRACE_CACHE.get(key)
     if cached is not None:
-        yield _finished(*cached, session, workspace)
+        yield _finished(cached, session, workspace)
         return
     report = JobReport(workspace, progress)
 
-    def work(emit) -> tuple[TraceResult, TraceResult]:
+    def work(emit) -> FinishedTrace:
         def show(stage: int):
             def emit_and_mark(result: TraceResult) -> None:
                 emit(result)
@@ -94,12 +116,13 @@ def run_trace(prompt, subject, kinds, samples, window, noise, workspace: Workspa
             show(FIRST_SHOWN)(estimate)
             exact = trace(session.handle, prompt, subject or None, options, config.LIMITS.trace, progress=report,
                           partial=show(MAIN_SHOWN))
-        config.TRACE_CACHE.put(key, (estimate, exact))  # here, not in the page's loop: kept even if the page went away
-        return estimate, exact
+        finished = FinishedTrace.of(estimate, exact)
+        config.TRACE_CACHE.put(key, finished)  # here, not in the page's loop: kept even if the page went away
+        return finished
 
     for finished, results in streamed(work, report):
         if finished:
-            yield _finished(*results, session, workspace)
+            yield _finished(results, session, workspace)
             continue
         estimates = [result for result in results if result.method == "atp"]
         exact = [result for result in results if result.method != "atp"]
