@@ -13,7 +13,7 @@ trace's batched pass, an edit's phase, a sweep's layer). At every step the turn 
 4. every other job, the one whose last turn is longest ago first, so long jobs of different visitors share
    the cores step by step.
 
-A job counts as 2 or 3 only for its first URGENT_SECONDS of turns, so a long job that never reports a
+A job counts as 2 or 3 only for its first URGENT_SECONDS of turns (one edit step takes 4-6 s on two cores), so a long job that never reports a
 result cannot keep the head of the line. A visitor's own jobs run in the order they were started: only
 the oldest unfinished job of each visitor competes for the turn.
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from ..core.progress import Cancelled
 
-URGENT_SECONDS = 5.0  # how long a job that has not shown its main result yet may go ahead of long work
+URGENT_SECONDS = 10.0  # how long a job that has not shown its main result yet may go ahead of long work (an edit is one 4-6 s step)
 POLL_SECONDS = 0.2  # how often a waiting job looks at its cancel flag and its place in the line
 
 # Stages a job reports with Turn.shown(): what its visitor sees so far.
@@ -58,8 +58,10 @@ class Turn:
     held_since: float | None = field(default=None, repr=False)
 
     def step(self) -> None:
-        """A step boundary: go on, or hand the turn to a job that deserves it more and wait for it to come back."""
-        self.scheduler._step(self)
+        """A step boundary: go on, or hand the turn to a job that deserves it more and wait for it to come back.
+        While the job waits for another thread's work (``away``) it holds no turn, so there is nothing to hand over."""
+        if not self.away:
+            self.scheduler._step(self)
 
     def shown(self, stage: int) -> None:
         """The job has shown its visitor this much (FIRST_SHOWN, MAIN_SHOWN): later steps yield to jobs that have shown less."""

@@ -190,10 +190,11 @@ class Weights:
         with self._registry:
             computing = self._computing.setdefault(key, threading.Lock())
         acquired = computing.acquire(blocking=False)
-        while not acquired and not self.held():
-            waiting(0.0, "waiting for the model's preparation")
-            with waiting_for_others():
-                acquired = computing.acquire(timeout=WAIT_SECONDS)
+        if not acquired and not self.held():
+            with waiting_for_others():  # the whole wait: a scheduler's other jobs (the computing one too) go on
+                while not acquired:
+                    waiting(0.0, "waiting for the model's preparation")
+                    acquired = computing.acquire(timeout=WAIT_SECONDS)
         try:
             if key not in self._own_values:
                 with self.deriving():
