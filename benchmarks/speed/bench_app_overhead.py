@@ -19,8 +19,8 @@ import argparse
 import time
 
 from explorer.app import plots, ui
-from explorer.app.ui import edit_handlers
 from explorer.app.caches import BoundedCache
+from explorer.app.ui import edit_handlers
 from explorer.core.facts import load_facts
 from explorer.core.models import load_model
 from explorer.editing import EditOptions, edit_fact, make_request

@@ -120,15 +120,19 @@ def sequence(url: str, steps: list[tuple[tuple, str]], start: float, client=None
 
 
 def engine_times(facts) -> dict:
-    """The CLI's work for the first fact and the Eiffel Tower edit, in this process."""
+    """The CLI's work for the first fact and the Eiffel Tower edit, in this process: `trace` (estimate, then exact)
+    and `edit` with the app's probes (the true target, the edit, before and after with the same completions)."""
     from explorer.core.models import load_model
     from explorer.editing import EditOptions, edit_fact, make_request
     from explorer.editing.edits import EditSession
+    from explorer.studies.compare import Probes, compare, with_true_target
     from explorer.tracing import TraceOptions, trace
     from explorer.tracing.attribution import estimate_trace
 
     handle = load_model("default")
     options = TraceOptions()
+    # The model's derived values (fingerprint, σ of the embeddings) are computed once, as the app's start-up does.
+    estimate_trace(handle, facts[0].prompt, facts[0].subject, TraceOptions(kinds=("hidden",), samples=1))
     began = time.perf_counter()
     estimate_trace(handle, facts[0].prompt, facts[0].subject, options)
     estimated = time.perf_counter() - began
@@ -136,8 +140,11 @@ def engine_times(facts) -> dict:
     traced = time.perf_counter() - began - estimated
     session = EditSession(handle)
     edit_fact(session, make_request("{} is located in the city of", "The Eiffel Tower", " Rome"), EditOptions())  # warm caches
+    app_edit = edit_args(" London")
+    probes = Probes(neighborhood=(app_edit[7],), generate=(app_edit[8],))
     began = time.perf_counter()
-    edit_fact(session, make_request("{} is located in the city of", "The Eiffel Tower", " London"), EditOptions())
+    request = with_true_target(handle, make_request(app_edit[0], app_edit[1], app_edit[2]), session)
+    compare(session, edit_fact(session, request, EditOptions()), probes)
     return {"estimate": estimated, "exact": traced, "edit": time.perf_counter() - began}
 
 
@@ -163,7 +170,7 @@ def main() -> None:
     parser.add_argument("--skip-mix", action="store_true")
     parser.add_argument("--skip-engine", action="store_true")
     args = parser.parse_args()
-    facts = load_facts(None, max(args.visitors) + 1)
+    facts = load_facts(None, 1 + sum(args.visitors))
     engine = None if args.skip_engine else engine_times(facts)
 
     with running_app() as (url, served):
@@ -182,15 +189,17 @@ def main() -> None:
         print(line("edit", lone_edit))
         if engine:
             print(f"engine in this process: estimate {engine['estimate']:.1f} s + exact trace {engine['exact']:.1f} s, "
-                  f"edit {engine['edit']:.1f} s")
+                  f"edit with its before/after report {engine['edit']:.1f} s")
             print(f"  app trace complete / engine estimate+exact: {lone['done'] / (engine['estimate'] + engine['exact']):.2f}")
             print(f"  app edit first result / engine edit: {lone_edit['first'] / engine['edit']:.2f};"
                   f" whole panel / engine edit: {lone_edit['done'] / engine['edit']:.2f}")
         print(f"  cached repeat / full trace: {repeat['done'] / lone['done']:.3f}")
         print(f"  peak resident memory of the app so far: {peak_mb(pid):.0f} MB")
 
+        first_unused = 1
         for count in args.visitors:
-            visiting = facts[1 : count + 1]  # not the lone visitor's fact, which the app has cached
+            # Facts no earlier phase traced: a repeat would come from the app's cache.
+            visiting, first_unused = facts[first_unused : first_unused + count], first_unused + count
             results, wall = at_once(url, [(trace_args(fact), "/trace") for fact in visiting])
             errors = [r for r in results if r.get("error")]
             print(f"\n{count} visitors press Trace at once (different facts): wall {wall:.1f} s, "
