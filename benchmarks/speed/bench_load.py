@@ -231,7 +231,7 @@ def main() -> None:
             if engine is None:
                 raise SystemExit("the mix compares with the engine's unedited trace: run it without --skip-engine")
             unedited = engine["mix_unedited"]
-            pairs = max(1, max(args.visitors) // 4)
+            pairs = max(2, max(args.visitors, default=0) // 4)
             start = time.perf_counter()
             outcomes: dict[str, list[dict]] = {}
 
