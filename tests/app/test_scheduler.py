@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from explorer.app.scheduler import FIRST_SHOWN, MAIN_SHOWN, Scheduler
+from explorer.app.scheduler import FIRST_SHOWN, MAIN_SHOWN, URGENT_SECONDS, Scheduler
 from explorer.core.progress import Cancelled, waiting_for_others, waits_handled_by
 from tests.conftest import build_tiny
 
@@ -187,9 +187,13 @@ def test_a_job_waiting_for_another_threads_work_gives_the_turn_up():
     started.wait(5)
     threads.append(threading.Thread(target=waiting_job, daemon=True))
     threads[1].start()
+    began = time.monotonic()
     for thread in threads:
         thread.join(timeout=15)
     assert outcome == {"waited": True}
+    # The long job needs 0.2 s of turns; held by the waiting job, they would come only once it stopped being
+    # urgent (URGENT_SECONDS of turns).
+    assert time.monotonic() - began < URGENT_SECONDS / 4
 
 
 def test_the_first_result_of_a_new_job_goes_before_the_main_result_of_another():
