@@ -20,7 +20,9 @@ the oldest unfinished job of each visitor competes for the turn.
 A job that waits for another thread's work (a value another job computes) gives the turn up meanwhile
 (:func:`explorer.core.progress.waiting_for_others`). Handing the turn over is the job's own business: its
 ``set_aside`` context releases what it holds (the model's lock, its edits on the weights) for as long as it
-waits and takes them back before it goes on, so each step runs under the weights of its own visitor.
+waits and takes them back before it goes on, so each step runs under the weights of its own visitor. The
+engines report progress only between passes, never while a hook is on the model (the optimisation of v*
+reports per try, not per step, for that reason); ``Weights.set_aside`` refuses to step aside otherwise.
 """
 from __future__ import annotations
 

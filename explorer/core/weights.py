@@ -95,6 +95,11 @@ class Weights:
         if not self.held():
             yield
             return
+        # Hooks of a pass in progress would act on the next job's passes: engines report progress between passes.
+        hooked = [name for name, module in self._arch.model.named_modules() if module._forward_hooks or module._forward_pre_hooks]
+        if hooked:
+            raise RuntimeError(f"a job stepped aside with hooks on the shared model ({', '.join(hooked[:3])}): progress "
+                               "must be reported between passes, never inside a hook's context")
         arch, depth = self._arch, self._depth
         in_place = {layer: arch.save_mlp_out(layer) for layer in self._originals}
         for layer, original in self._originals.items():

@@ -48,3 +48,14 @@ def test_set_aside_outside_the_lock_does_nothing():
     with handle.weights.set_aside():
         assert not handle.weights.held()
     assert torch.equal(handle.arch.mlp_out_weight(0), original)
+
+
+def test_setting_aside_with_a_hook_on_the_model_is_refused():
+    """A step boundary inside a hook's context would leave the hook acting on another job's passes."""
+    from explorer.core import hooks
+
+    handle = build_tiny("llama")
+    with handle.weights.locked(), hooks.on_output(handle.arch.mlp_out(0), lambda output: None):
+        with pytest.raises(RuntimeError, match="hooks on the shared model"), handle.weights.set_aside():
+            pass
+        assert handle.weights.held()
