@@ -90,25 +90,51 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._turns_given = itertools.count()
 
+    def enter(self, owner: object, cancelled: Callable[[], bool] = lambda: False,
+              set_aside: Callable[[], AbstractContextManager] = nullcontext,
+              waiting: Callable[[int], None] = lambda ahead: None) -> Turn:
+        """A new job of ``owner``, holding its first turn once this returns (Cancelled, and gone, if cancelled
+        before it got one). End it with :meth:`finish`."""
+        turn = Turn(owner, next(self._arrivals), cancelled, set_aside, waiting, self)
+        with self._changed:
+            self._jobs.append(turn)
+        try:
+            self._wait_for_turn(turn)
+        except BaseException:
+            self.finish(turn)
+            raise
+        return turn
+
+    def pause(self, turn: Turn) -> None:
+        """``turn`` holds no turn until :meth:`resume` (a handler showing a stage to its page meanwhile); it keeps
+        its place among its visitor's jobs."""
+        self._leave(turn, away=True)
+
+    def resume(self, turn: Turn) -> None:
+        """Wait until the paused ``turn`` holds the turn again."""
+        self._wait_for_turn(turn)
+
+    def finish(self, turn: Turn) -> None:
+        """``turn``'s job is over (calling it again does nothing)."""
+        with self._changed:
+            self._account(turn)
+            if turn in self._jobs:
+                self._jobs.remove(turn)
+            if self._holder is turn:
+                self._holder = None
+            self._changed.notify_all()
+
     @contextmanager
     def job(self, owner: object, cancelled: Callable[[], bool] = lambda: False,
             set_aside: Callable[[], AbstractContextManager] = nullcontext,
             waiting: Callable[[int], None] = lambda ahead: None) -> Iterator[Turn]:
         """Run the body as one job of ``owner``: it starts when the job gets its first turn, and steps aside at
         each :meth:`Turn.step`. Cancelled before its first turn, it raises Cancelled without running."""
-        turn = Turn(owner, next(self._arrivals), cancelled, set_aside, waiting, self)
-        with self._changed:
-            self._jobs.append(turn)
+        turn = self.enter(owner, cancelled, set_aside, waiting)
         try:
-            self._wait_for_turn(turn)
             yield turn
         finally:
-            with self._changed:
-                self._account(turn)
-                self._jobs.remove(turn)
-                if self._holder is turn:
-                    self._holder = None
-                self._changed.notify_all()
+            self.finish(turn)
 
     def ahead_of(self, turn: Turn) -> int:
         """How many jobs take a step before ``turn`` does, as things stand (the one holding the turn included)."""

@@ -38,7 +38,8 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
                     check_lengths(handle, prompt_lines(generate, "prompts to complete"), "prompts to complete") or (request.filled,),
                     new_tokens=min(GENERATION_TOKENS, config.LIMITS.max_new_tokens))
     report = JobReport(workspace, progress)
-    with report.turns():
+    # Three parts of one job, each shown when done; the job holds no turn while Gradio sends a part to the page.
+    with report.turns(last=False):
         request = with_true_target(handle, request, session)
         edit = edit_fact(session, request, options, progress=report)
         others = session.frozen()  # the session as the edit found it: the "before" side
@@ -47,20 +48,22 @@ def run_edit(prompt, subject, target_new, target_true, layer, method, paraphrase
         result = comparison(edit, *scored)
         rows = comparison_rows(request, probes, result)
         bars = plots.probability_bars(rows)
-        yield (rows, bars, "<p>completing the prompts on the original and the edited model…</p>",
-               plots.metrics_markdown(result["metrics"], result["warnings"]), active_rows(session), workspace,
-               "measuring the model's health…")
         report.shown(FIRST_SHOWN)
+    yield (rows, bars, "<p>completing the prompts on the original and the edited model…</p>",
+           plots.metrics_markdown(result["metrics"], result["warnings"]), active_rows(session), workspace,
+           "measuring the model's health…")
+    with report.turns(last=False):
         report(0.95, "completions of the original and the edited model")
         written = before_and_after(others, edit, lambda model, asked: completions(model, asked, probes))
-        result = comparison(edit, *({**side, **more} for side, more in zip(scored, written)))
-        generations = plots.generations_html(result, request.target_new, request.target_true)
-        if probes.new_tokens < GENERATION_TOKENS:  # the operator's cap, said rather than applied silently
-            generations = (f"<p>Completions are {probes.new_tokens} tokens long, cut from {GENERATION_TOKENS} by the "
-                           f"server's limit (ROME_EXPLORER_MAX_NEW_TOKENS).</p>" + generations)
-        metrics = plots.metrics_markdown(result["metrics"], result["warnings"])
-        yield gr.update(), gr.update(), generations, metrics, gr.update(), workspace, gr.update()
         report.shown(MAIN_SHOWN)
+    result = comparison(edit, *({**side, **more} for side, more in zip(scored, written)))
+    generations = plots.generations_html(result, request.target_new, request.target_true)
+    if probes.new_tokens < GENERATION_TOKENS:  # the operator's cap, said rather than applied silently
+        generations = (f"<p>Completions are {probes.new_tokens} tokens long, cut from {GENERATION_TOKENS} by the "
+                       f"server's limit (ROME_EXPLORER_MAX_NEW_TOKENS).</p>" + generations)
+    metrics = plots.metrics_markdown(result["metrics"], result["warnings"])
+    yield gr.update(), gr.update(), generations, metrics, gr.update(), workspace, gr.update()
+    with report.turns():
         report(0.98, "the model's health")
         health = session_health(session)
     # Every output again: a script's /edit call (gradio_client) gets the last update as its whole result.

@@ -6,7 +6,8 @@ import contextvars
 import queue
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ...core.progress import Cancelled, waits_handled_by
@@ -79,6 +80,15 @@ def in_worker(work, report: JobReport):
     raise AssertionError("streamed ended without a value")
 
 
+def place_shown_by(progress) -> Callable[[int], None]:
+    """A waiting job's place in the line, said on its progress bar."""
+    def show(ahead: int) -> None:
+        if ahead:
+            progress(0.0, desc=f"waiting: {ahead} job{'' if ahead == 1 else 's'} ahead of yours")
+
+    return show
+
+
 class JobReport:
     """The progress callback of one job of a session; it stops the job once the session pressed cancel.
 
@@ -95,22 +105,37 @@ class JobReport:
         self._thread: int | None = None
 
     @contextmanager
-    def turns(self) -> Iterator[None]:
+    def turns(self, last: bool = True) -> Iterator[None]:
         """Run the body as this job of the app's scheduler (explorer/app/scheduler.py), in the calling thread: it
         starts at its turn, and each progress report is a step where it may hand the turn to another visitor's
-        job, setting aside the model's lock and this session's edits while it waits."""
-        weights = self._workspace.session.handle.weights
-        with config.SCHEDULER.job(self._workspace, self.cancelled, weights.set_aside, self._show_place) as turn:
-            self._turn, self._thread = turn, threading.get_ident()
-            try:
-                with waits_handled_by(turn.waiting_for_others):
-                    yield
-            finally:
-                self._turn = self._thread = None
+        job, setting aside the model's lock and this session's edits while it waits.
 
-    def _show_place(self, ahead: int) -> None:
-        if ahead:
-            self._progress(0.0, desc=f"waiting: {ahead} job{'' if ahead == 1 else 's'} ahead of yours")
+        With ``last=False`` the job goes on in a later ``turns`` block (a handler that yields a stage to its page
+        in between): it holds no turn meanwhile, so a page slow to ask for the next stage stalls nobody, and a
+        generator Gradio drops ends its job when this report is collected.
+        """
+        scheduler = config.SCHEDULER
+        if self._turn is None:
+            weights = self._workspace.session.handle.weights
+            # The turn must not hold this report (its bound methods would): its finalizer ends a dropped job.
+            self._turn = scheduler.enter(self._workspace, self._flag.is_set, weights.set_aside, place_shown_by(self._progress))
+            weakref.finalize(self, scheduler.finish, self._turn)
+        else:
+            scheduler.resume(self._turn)
+        turn, self._thread = self._turn, threading.get_ident()
+        finished = last
+        try:
+            with waits_handled_by(turn.waiting_for_others):
+                yield
+        except BaseException:
+            finished = True
+            raise
+        finally:
+            self._thread = None
+            if finished:
+                scheduler.finish(turn)
+            else:
+                scheduler.pause(turn)
 
     def shown(self, stage: int) -> None:
         """The visitor now sees this much of the job's result (scheduler.FIRST_SHOWN, MAIN_SHOWN)."""
