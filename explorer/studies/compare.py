@@ -7,8 +7,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..core.errors import InputError
 from ..core.generation import GREEDY, Sampling, complete
 from ..core.models import LoadedModel
+from ..core.prompts import clean_text
 from ..core.scoring import target_ids, target_probabilities, top_prediction
 from ..editing.edits import Edit, EditRequest, EditSession
 from .metrics import begins_with, ngram_entropy, rewrite_scores
@@ -40,7 +42,13 @@ def with_true_target(handle: LoadedModel, request: EditRequest, session: EditSes
     else:
         with session.applied():
             token = top_prediction(handle, request.filled)
-    return replace(request, target_true=handle.tokenizer.decode([token]))
+    answer = handle.tokenizer.decode([token])
+    try:
+        clean_text(answer, "the model's answer")
+    except InputError as error:  # the user typed no target: say whose text it is, and what to do
+        raise InputError(f"the true target was left empty, so the model's own answer {answer!r} would stand in for "
+                         f"it, but it cannot be a target ({error}); type the true target") from None
+    return replace(request, target_true=answer)
 
 
 def probabilities(handle: LoadedModel, request: EditRequest, probes: Probes) -> dict:

@@ -59,3 +59,20 @@ def test_blank_generations_are_left_out_of_the_means():
 ])
 def test_no_warning_without_a_drop_of_more_than_a_bit(before, after):
     assert entropy_warnings(before, after) == []
+
+
+def test_an_empty_true_target_whose_stand_in_answer_is_a_control_character_says_so():
+    """The user left the true target empty; the model's answer decodes to a control character: the message
+    names the model's answer and asks for a true target, instead of blaming text the user never typed."""
+    import pytest
+
+    from explorer.core.errors import InputError
+    from explorer.editing import make_request
+    from explorer.studies.compare import with_true_target
+    from tests.conftest import build_tiny
+
+    handle = build_tiny("llama")
+    request = make_request("{} is in", "The Louvre", " Rome")
+    handle.tokenizer.decode = lambda ids, **kwargs: "\x03"
+    with pytest.raises(InputError, match=r"true target was left empty.*model's own answer '\\x03'.*type the true target"):
+        with_true_target(handle, request)
