@@ -13,8 +13,8 @@ trace's batched pass, an edit's phase, a sweep's layer). At every step the turn 
 4. every other job, the one whose last turn is longest ago first, so long jobs of different visitors share
    the cores step by step.
 
-A job counts as 2 or 3 only for its first URGENT_SECONDS of turns (one edit step takes 4-6 s on two cores), so a long job that never reports a
-result cannot keep the head of the line. A visitor's own jobs run in the order they were started: only
+A job counts as 2 or 3 only for its first URGENT_SECONDS of turns (one edit step takes 4-6 s on two
+cores), so a long job that never reports a result cannot keep the head of the line. A visitor's own jobs run in the order they were started: only
 the oldest unfinished job of each visitor competes for the turn.
 
 A job that waits for another thread's work (a value another job computes) gives the turn up meanwhile
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from ..core.progress import Cancelled
 
-URGENT_SECONDS = 10.0  # how long a job that has not shown its main result yet may go ahead of long work (an edit is one 4-6 s step)
+URGENT_SECONDS = 10.0  # how long a job that has not shown its main result may go ahead of long work
 POLL_SECONDS = 0.2  # how often a waiting job looks at its cancel flag and its place in the line
 
 # Stages a job reports with Turn.shown(): what its visitor sees so far.
@@ -136,11 +136,6 @@ class Scheduler:
         finally:
             self.finish(turn)
 
-    def ahead_of(self, turn: Turn) -> int:
-        """How many jobs take a step before ``turn`` does, as things stand (the one holding the turn included)."""
-        with self._changed:
-            return self._ahead(turn)
-
     def running(self) -> int:
         """Unfinished jobs, holding the turn or waiting for it."""
         with self._changed:
@@ -167,6 +162,7 @@ class Scheduler:
         return min(candidates, key=self._rank) if candidates else None
 
     def _ahead(self, turn: Turn) -> int:
+        """How many jobs take a step before ``turn`` does, as things stand (the one holding the turn included)."""
         mine = self._rank(turn)
         before = {other for other in self._candidates() if other is not turn and self._rank(other) < mine}
         before |= {other for other in self._jobs if other.owner is turn.owner and other.arrived < turn.arrived}

@@ -39,10 +39,7 @@ def streamed(work, report: JobReport, every: float | None = None):
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread, which raises it
             items.put(("error", error))
 
-    def start() -> None:
-        context.run(run)
-
-    threading.Thread(target=start, daemon=True, name="streamed-job").start()
+    threading.Thread(target=context.run, args=(run,), daemon=True, name="streamed-job").start()
     pending: list = []
     shown = 0.0
     while True:
