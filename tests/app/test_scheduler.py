@@ -65,6 +65,14 @@ class Jobs:
         thread.start()
         return thread
 
+    def start_held(self, name, owner, steps, hold_at, until_running, **kwargs):
+        """Start a job that, at the end of step ``hold_at``, keeps the turn until ``until_running`` jobs are in the
+        line; return once it got there (so the jobs started next arrive while it runs)."""
+        there = threading.Event()
+        hold = {hold_at: lambda: (there.set(), wait_until(lambda: self.scheduler.running() == until_running))}
+        self.start(name, owner, steps, gate=hold, **kwargs)
+        assert there.wait(5)
+
     def join(self):
         for thread in self.threads:
             thread.join(timeout=20)
@@ -77,11 +85,8 @@ class Jobs:
 def test_a_new_job_goes_before_long_work_already_running_and_only_one_step_runs_at_a_time():
     jobs = Jobs()
     long_owner, new_owner = Visitor(), Visitor()
-    arrived = threading.Event()
     # The long job has shown its main result after its first step; at its second step a new visitor arrives.
-    jobs.start("long", long_owner, 8, stage_after={0: MAIN_SHOWN},
-               gate={1: lambda: (arrived.set(), wait_until(lambda: jobs.scheduler.running() == 2))})
-    arrived.wait(5)
+    jobs.start_held("long", long_owner, 8, hold_at=1, until_running=2, stage_after={0: MAIN_SHOWN})
     jobs.start("new", new_owner, 3, stage_after={2: MAIN_SHOWN})
     jobs.join()
     assert not jobs.errors
@@ -94,9 +99,7 @@ def test_a_new_job_goes_before_long_work_already_running_and_only_one_step_runs_
 def test_long_jobs_of_different_visitors_share_the_turns_step_by_step():
     jobs = Jobs()
     first, second = Visitor(), Visitor()
-    both = threading.Event()
-    jobs.start("a", first, 6, stage_after={0: MAIN_SHOWN}, gate={0: lambda: (both.set(), wait_until(lambda: jobs.scheduler.running() == 2))})
-    both.wait(5)
+    jobs.start_held("a", first, 6, hold_at=0, until_running=2, stage_after={0: MAIN_SHOWN})
     jobs.start("b", second, 6, stage_after={0: MAIN_SHOWN})
     jobs.join()
     names = [job for job, _ in jobs.log]
@@ -109,10 +112,7 @@ def test_long_jobs_of_different_visitors_share_the_turns_step_by_step():
 def test_a_visitors_own_jobs_run_in_the_order_they_were_started():
     jobs = Jobs()
     visitor, other = Visitor(), Visitor()
-    started = threading.Event()
-    jobs.start("first", visitor, 4, stage_after={0: MAIN_SHOWN},
-               gate={0: lambda: (started.set(), wait_until(lambda: jobs.scheduler.running() == 3))})
-    started.wait(5)
+    jobs.start_held("first", visitor, 4, hold_at=0, until_running=3, stage_after={0: MAIN_SHOWN})
     jobs.start("second", visitor, 2)  # shown nothing yet, but behind its own visitor's first job
     wait_until(lambda: jobs.scheduler.running() == 2)
     jobs.start("other", other, 2)
@@ -200,10 +200,7 @@ def test_the_first_result_of_a_new_job_goes_before_the_main_result_of_another():
     """Two new traces: the second one's estimate (nothing shown yet) runs before the first one's exact cells
     (estimate shown), so every visitor sees an estimate before anyone's exact trace goes on."""
     jobs = Jobs()
-    arrived = threading.Event()
-    jobs.start("first", Visitor(), 5, stage_after={0: FIRST_SHOWN, 2: MAIN_SHOWN},
-               gate={0: lambda: (arrived.set(), wait_until(lambda: jobs.scheduler.running() == 2))})
-    arrived.wait(5)
+    jobs.start_held("first", Visitor(), 5, hold_at=0, until_running=2, stage_after={0: FIRST_SHOWN, 2: MAIN_SHOWN})
     jobs.start("second", Visitor(), 3, stage_after={0: FIRST_SHOWN, 1: MAIN_SHOWN})
     jobs.join()
     assert jobs.log[:3] == [("first", 0), ("second", 0), ("first", 1)]

@@ -13,6 +13,15 @@ from explorer.editing import EditOptions, StatsSpec, edit_fact, make_request
 from tests.conftest import build_tiny
 
 
+def empty_registry(monkeypatch) -> None:
+    """No model loaded and no session yet, with room for two models."""
+    monkeypatch.setattr(sessions, "_models", type(sessions._models)())
+    monkeypatch.setattr(sessions, "_retired", weakref.WeakValueDictionary())
+    monkeypatch.setattr(sessions, "_loading", {})
+    monkeypatch.setattr(sessions, "_workspaces", weakref.WeakSet())
+    monkeypatch.setattr(ui.config, "MAX_LOADED_MODELS", 2)
+
+
 def test_sessions_do_not_pin_more_models_than_the_cap_and_get_theirs_back_with_their_edits(monkeypatch):
     loads: list[str] = []
 
@@ -21,11 +30,7 @@ def test_sessions_do_not_pin_more_models_than_the_cap_and_get_theirs_back_with_t
         return build_tiny("llama")  # the same seed: every copy has the same weights, as a model loaded again does
 
     monkeypatch.setattr(sessions, "load_model", load)
-    monkeypatch.setattr(sessions, "_models", type(sessions._models)())
-    monkeypatch.setattr(sessions, "_retired", weakref.WeakValueDictionary())
-    monkeypatch.setattr(sessions, "_loading", {})
-    monkeypatch.setattr(sessions, "_workspaces", weakref.WeakSet())
-    monkeypatch.setattr(ui.config, "MAX_LOADED_MODELS", 2)
+    empty_registry(monkeypatch)
 
     first, second, third = (ui.Workspace(name) for name in ("a", "b", "c"))
     session = first.session
@@ -51,11 +56,7 @@ def test_sessions_do_not_pin_more_models_than_the_cap_and_get_theirs_back_with_t
 
 def test_a_model_a_job_runs_on_is_not_the_one_released(monkeypatch):
     monkeypatch.setattr(sessions, "load_model", lambda name, progress=None: build_tiny("gpt2"))
-    monkeypatch.setattr(sessions, "_models", type(sessions._models)())
-    monkeypatch.setattr(sessions, "_retired", weakref.WeakValueDictionary())
-    monkeypatch.setattr(sessions, "_loading", {})
-    monkeypatch.setattr(sessions, "_workspaces", weakref.WeakSet())
-    monkeypatch.setattr(ui.config, "MAX_LOADED_MODELS", 2)
+    empty_registry(monkeypatch)
 
     busy, idle, newcomer = (ui.Workspace(name) for name in ("busy", "idle", "new"))
     busy.session, idle.session  # noqa: B018
