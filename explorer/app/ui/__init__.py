@@ -3,10 +3,10 @@
 * ``config``: limits, edit options and the trace cache every handler reads.
 * ``inputs``: values typed into the page, checked.
 * ``errors``: the engines' clear errors as Gradio messages.
-* ``jobs``: one job of a session: a worker thread that a cancel stops waiting for, progress, cancel.
+* ``jobs``: one job of a session: its turns on the cores, a worker thread that a cancel stops waiting for, progress, cancel.
 * ``sessions``: the shared models and each browser session's state (its model, edits and files).
 * ``trace_handlers``, ``edit_handlers``, ``sweep_handlers``, ``average_handlers``: what each tab's buttons run.
-* ``layout``: the page and its wiring; ``launch`` starts it. ``lazy_panels``: fields in panels Gradio draws late
+* ``layout``: the page and its wiring. ``serving``: its queue and Gradio's caps; ``launch`` starts it. ``lazy_panels``: fields in panels Gradio draws late
   (a closed accordion, a later tab) keep what is typed the moment they appear.
 
 Data flow: a button → its handler → ``inputs`` checks → the engine (tracing, editing, aggregate) on the
@@ -16,7 +16,8 @@ from .average_handlers import run_average, run_severed
 from .config import LIMITS
 from .edit_handlers import complete_prompts, fill_from_case, reset_edits, run_edit, sample_case_labels, toggle_edit, undo_edit
 from .jobs import CANCELLED_NOTE, cancel_job
-from .layout import build_app, launch, launch_settings, queued_app
+from .layout import build_app
+from .serving import launch, launch_settings, queued_app
 from .sessions import Workspace, load_session_model, preparation_status, status_line
 from .trace_handlers import compare_traces, inspect_trace_cell, peak_mlp_layer, run_trace
 

@@ -1,7 +1,6 @@
 """The page: its components, per tab, and which handler each button calls."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import gradio as gr
@@ -28,7 +27,7 @@ from .edit_handlers import (
 from .inputs import METHOD_CHOICES
 from .jobs import cancel_job
 from .lazy_panels import keep_typed_values
-from .sessions import EDIT_LIST_HEADERS, Workspace, load_session_model, preparation_status, start_preparation, status_line
+from .sessions import EDIT_LIST_HEADERS, Workspace, load_session_model, preparation_status, status_line
 from .sweep_handlers import SWEEP_HEADERS, run_sweep
 from .trace_handlers import compare_traces, inspect_trace_cell, run_trace
 
@@ -377,26 +376,3 @@ def build_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
             stop.click(cancel_job, [workspace], [note], cancels=jobs, concurrency_limit=None, api_name=False)
         keep_typed_values(demo)
     return demo
-
-
-def queued_app(model_name: str = DEFAULT_MODEL) -> gr.Blocks:
-    """The page with its queue: the model's jobs take turns in their own group (job_queue); past ``queue_size``
-    waiting requests Gradio answers "queue is full"."""
-    demo = build_app(model_name)
-    demo.queue(default_concurrency_limit=1, max_size=config.LIMITS.queue_size)
-    return demo
-
-
-def launch_settings() -> dict:
-    """``launch``'s caps: Gradio itself refuses a larger upload before storing it (the handler checks again)."""
-    return {"max_file_size": config.LIMITS.max_upload_bytes}
-
-
-def launch(model_name: str | None = None) -> None:
-    """Start the app: ``ROME_EXPLORER_MODEL`` (or ``model_name``) on 127.0.0.1 unless GRADIO_SERVER_NAME says otherwise."""
-    model_name = model_name or os.environ.get("ROME_EXPLORER_MODEL", DEFAULT_MODEL)
-    demo = queued_app(model_name)
-    # Load the model and prepare its first edit while the page is already served; a failure is shown in the
-    # status line, and the first request that needs the model tries again and says why.
-    start_preparation(model_name)
-    demo.launch(**launch_settings())
